@@ -1,0 +1,1 @@
+"""detector: streaming anomaly detection with recurrent autoencoders."""

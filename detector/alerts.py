@@ -1,0 +1,220 @@
+"""The alert policy (N anomalous windows out of M, cooldown, resolve) and alert sinks.
+
+`AlertPolicy` turns per-window severities into firing and resolved events, with state per
+entity slot. A sink is any object with `emit(alerts)` and `close()`; add one by adding a
+class here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any, Literal, Protocol
+
+import numpy as np
+
+from detector.config import AlertPolicy as PolicyConfig
+from detector.source import format_timestamp
+from detector.threshold import NONE, SEVERITY_NAMES
+
+log = logging.getLogger("detector.alerts")
+
+
+def alert_id(stream: str, entity: str, window_end_ms: int, status: str = "firing") -> str:
+    """Stable id from stream, entity and window end: a replayed window gets the same id."""
+    key = f"{stream}\x00{entity}\x00{window_end_ms}\x00{status}".encode()
+    return hashlib.sha256(key).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert event. `to_dict` is the JSON every sink receives."""
+
+    id: str
+    status: Literal["firing", "resolved"]
+    stream: str
+    entity: str
+    severity: str
+    window_start_ms: int
+    window_end_ms: int
+    score: float
+    threshold: float
+    top_features: tuple[tuple[str, float], ...]
+    model_version: str
+    resolves: str | None = None  # for a resolved event, the id of the firing event it ends
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "status": self.status,
+            "stream": self.stream,
+            "entity": self.entity,
+            "severity": self.severity,
+            "window_start": format_timestamp(self.window_start_ms),
+            "window_end": format_timestamp(self.window_end_ms),
+            "score": round(self.score, 6),
+            "threshold": round(self.threshold, 6),
+            "top_features": [{"name": n, "error": round(e, 6)} for n, e in self.top_features],
+            "model_version": self.model_version,
+        }
+        if self.resolves is not None:
+            out["resolves"] = self.resolves
+        return out
+
+
+@dataclass
+class _EntityState:
+    history: int = 0  # bit i set = the window i steps ago was anomalous (bit 0 = latest)
+    normal_streak: int = 0
+    active_id: str | None = None
+    active_severity: int = NONE
+    quiet_until_ms: int = -(2**62)
+    recent: list[int] = field(default_factory=list)  # severities of the last m windows
+
+
+class AlertPolicy:
+    """N-of-M firing, resolve after a run of normal windows, cooldown after a resolve.
+
+    - An entity fires when at least `n` of its last `m` windows were anomalous and it is not
+      already firing or cooling down. The event carries the worst severity among them.
+    - While firing, an escalation from warning to critical fires again (a new id).
+    - After `resolve_after` normal windows in a row (default `m`), a `resolved` event ends it,
+      and the entity cannot fire again until `cooldown_s` of event time has passed.
+    """
+
+    def __init__(self, stream: str, config: PolicyConfig, features: Sequence[str], model_version: str) -> None:
+        self.stream = stream
+        self.config = config
+        self.features = list(features)
+        self.model_version = model_version
+        self._mask = (1 << config.m) - 1
+        self._state: dict[int, _EntityState] = {}
+
+    def is_active(self, slot: int) -> bool:
+        state = self._state.get(slot)
+        return state is not None and state.active_id is not None
+
+    def update(
+        self,
+        slots: np.ndarray,
+        entities: Sequence[str],
+        severity: np.ndarray,
+        scores: np.ndarray,
+        thresholds: np.ndarray,
+        per_feature: np.ndarray,
+        start_ms: np.ndarray,
+        end_ms: np.ndarray,
+    ) -> tuple[list[Alert], list[str | None]]:
+        """Advance each entity by one window per element, in order.
+
+        Returns the alert events and, per window, the id of the firing event it belongs to
+        (None when the entity is not firing after that window).
+
+        Shape:
+            slots, severity, scores, thresholds, start_ms, end_ms: (R,)
+            per_feature: (R, D)
+        """
+        cfg = self.config
+        events: list[Alert] = []
+        ids: list[str | None] = []
+        cooldown_ms = int(cfg.cooldown_s * 1000)
+        for i in range(len(slots)):
+            slot = int(slots[i])
+            state = self._state.get(slot)
+            if state is None:
+                state = self._state[slot] = _EntityState()
+            sev = int(severity[i])
+            anomalous = sev != NONE
+            state.history = ((state.history << 1) | anomalous) & self._mask
+            recent = state.recent
+            recent.append(sev)
+            if len(recent) > cfg.m:
+                del recent[0]
+            state.normal_streak = 0 if anomalous else state.normal_streak + 1
+            end = int(end_ms[i])
+            if state.active_id is None:
+                if anomalous and state.history.bit_count() >= cfg.n and end >= state.quiet_until_ms:
+                    worst = max(recent)
+                    events.append(self._alert(i, entities[i], worst, scores, thresholds, per_feature, start_ms, end_ms))
+                    state.active_id, state.active_severity = events[-1].id, worst
+            elif anomalous and sev > state.active_severity:
+                events.append(self._alert(i, entities[i], sev, scores, thresholds, per_feature, start_ms, end_ms))
+                state.active_id, state.active_severity = events[-1].id, sev
+            elif state.normal_streak >= cfg.resolve_windows:
+                last = self._alert(
+                    i, entities[i], state.active_severity, scores, thresholds, per_feature, start_ms, end_ms
+                )
+                resolved_id = alert_id(self.stream, entities[i], end, "resolved")
+                events.append(replace(last, id=resolved_id, status="resolved", resolves=state.active_id))
+                state.active_id, state.active_severity = None, NONE
+                state.quiet_until_ms = end + cooldown_ms
+            ids.append(state.active_id)
+        return events, ids
+
+    def _alert(
+        self,
+        i: int,
+        entity: str,
+        severity: int,
+        scores: np.ndarray,
+        thresholds: np.ndarray,
+        per_feature: np.ndarray,
+        start_ms: np.ndarray,
+        end_ms: np.ndarray,
+    ) -> Alert:
+        errors = per_feature[i]
+        top = np.argsort(-errors, kind="stable")[: self.config.top_features]
+        end = int(end_ms[i])
+        return Alert(
+            id=alert_id(self.stream, entity, end),
+            status="firing",
+            stream=self.stream,
+            entity=entity,
+            severity=SEVERITY_NAMES[severity],
+            window_start_ms=int(start_ms[i]),
+            window_end_ms=end,
+            score=float(scores[i]),
+            threshold=float(thresholds[i]),
+            top_features=tuple((self.features[j], float(errors[j])) for j in top),
+            model_version=self.model_version,
+        )
+
+
+# --- sinks -------------------------------------------------------------------------------
+
+
+class Sink(Protocol):
+    def emit(self, alerts: Sequence[Alert]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LogSink:
+    """Each alert as one JSON line on the `detector.alerts` logger."""
+
+    def emit(self, alerts: Sequence[Alert]) -> None:
+        for alert in alerts:
+            log.warning(json.dumps(alert.to_dict()))
+
+    def close(self) -> None:
+        pass
+
+
+class JsonLinesSink:
+    """Each alert as one JSON line in a file (flushed per batch)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = path.open("w")
+
+    def emit(self, alerts: Sequence[Alert]) -> None:
+        for alert in alerts:
+            self._file.write(json.dumps(alert.to_dict()) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

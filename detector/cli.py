@@ -1,0 +1,159 @@
+"""The `detector` command line.
+
+Exit codes: 0 success; 2 bad config, input or checkpoint (the message says which and why);
+1 anything unexpected (a bug: the traceback is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from detector.config import load_config, load_config_with_secrets, masked_dump
+from detector.errors import DetectorError
+
+EXIT_OK, EXIT_BUG, EXIT_USAGE = 0, 1, 2
+
+
+def package_version() -> str:
+    try:
+        return version("detector")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="detector", description="Streaming anomaly detection with recurrent autoencoders."
+    )
+    parser.add_argument("--version", action="version", version=f"detector {package_version()}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check-config", help="validate a config file; exit 0 if valid, 2 if not")
+    p.add_argument("config", type=Path)
+    p.add_argument("--show", action="store_true", help="print the effective config, secrets masked")
+
+    p = sub.add_parser("train", help="train a stream's model on a CSV or JSONL file")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--stream", help="stream name (needed when the config has several)")
+    p.add_argument("--input", type=Path, help="training data (default: the stream's file input)")
+    p.add_argument("--out", type=Path, help="checkpoint to write (default: the stream's checkpoint path)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("replay", help="score a file through the daemon's pipeline")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--stream", help="stream name (needed when the config has several)")
+    p.add_argument("--input", type=Path, help="data to score (default: the stream's file input)")
+    p.add_argument("--out", required=True, type=Path, help="scores CSV, one row per input row")
+    p.add_argument("--alerts", type=Path, help="also write alert events here as JSON lines")
+    p.add_argument("--checkpoint", type=Path, help="model to score with (default: the stream's checkpoint)")
+    p.add_argument("--train-rows", help="first train on the first N rows (or N%%) of each entity, then score the rest")
+    p.add_argument("--train-until", help="first train on rows before this timestamp, then score the rest")
+    p.add_argument("--save-checkpoint", type=Path, help="with --train-rows/--train-until: keep the trained model here")
+    p.add_argument("--batch-rows", type=int, default=1024, help="rows per micro-batch (results do not depend on it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("demo", help="generate a metric stream with faults, train, replay, and report")
+    p.add_argument("--workdir", type=Path, default=Path("build/demo"))
+    p.add_argument("--seed", type=int, default=7)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        return run(args)
+    except DetectorError as exc:
+        print(f"detector: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so `detector check-config` and `--help` do not pay for importing torch.
+    if args.command == "check-config":
+        config, secrets = load_config_with_secrets(args.config)
+        if args.show:
+            print(masked_dump(config, secrets), end="")
+        print(f"{args.config}: ok ({len(config.streams)} stream(s): {', '.join(config.streams)})", file=sys.stderr)
+        return EXIT_OK
+
+    if args.command == "train":
+        from detector.replay import print_summary, train_file
+
+        config = load_config(args.config)
+        name, stream = config.stream(args.stream)
+        out = args.out or stream.checkpoint
+        if out is None:
+            print("detector: give --out (the stream has no checkpoint path)", file=sys.stderr)
+            return EXIT_USAGE
+        ckpt, summary = train_file(config, name, args.input, out, progress=not args.quiet)
+        print_summary(summary)
+        info = ckpt.training
+        print(
+            f"saved {out}: version {ckpt.version}, {info['train_windows']} training windows, "
+            f"{info['epochs']} epochs, validation loss {info['best_validation_loss']:.4g}",
+            file=sys.stderr,
+        )
+        return EXIT_OK
+
+    if args.command == "replay":
+        from detector.replay import TrainSplit, print_summary, replay_file
+
+        config = load_config(args.config)
+        split = TrainSplit.parse(args.train_rows, args.train_until)
+        summary, _ = replay_file(
+            config,
+            args.stream,
+            args.input,
+            args.out,
+            alerts_path=args.alerts,
+            checkpoint=args.checkpoint,
+            split=split,
+            save_to=args.save_checkpoint,
+            batch_rows=max(1, args.batch_rows),
+            progress=not args.quiet,
+        )
+        print_summary(summary)
+        return EXIT_OK
+
+    if args.command == "demo":
+        from detector.demo import run_demo
+
+        return run_demo(args.workdir, args.seed)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

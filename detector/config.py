@@ -1,0 +1,397 @@
+"""Typed, frozen configuration loaded from YAML.
+
+`load_config(path)` is the only entry point: it reads the file with `yaml.safe_load`,
+substitutes `${ENV_VAR}` (or `${ENV_VAR:-default}`) anywhere in a string, validates the
+whole tree and raises one `ConfigError` listing every problem with its YAML path
+(`streams.web.window.size: ...`). Secrets belong in the environment, never in the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from detector.errors import ConfigError
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- input -------------------------------------------------------------------------------
+
+
+class KafkaInput(_Model):
+    """Records come from a Kafka topic (consumed by `detector run`)."""
+
+    kind: Literal["kafka"]
+    topic: str = Field(min_length=1)
+
+
+class FileInput(_Model):
+    """Records come from a CSV or JSONL file (used by `detector replay` and `train`)."""
+
+    kind: Literal["file"]
+    path: Path
+    format: Literal["auto", "csv", "jsonl"] = "auto"
+
+
+Input = Annotated[KafkaInput | FileInput, Field(discriminator="kind")]
+
+
+# --- message mapping ---------------------------------------------------------------------
+
+
+class Feature(_Model):
+    """One model input: `field` is a dotted path into the record (defaults to `name`)."""
+
+    name: str = Field(min_length=1)
+    field: str | None = None
+    default: float | None = None
+
+    @property
+    def path(self) -> str:
+        return self.field or self.name
+
+
+class Mapping(_Model):
+    """Which record fields are the entity key, the timestamp and the feature values."""
+
+    entity: list[str] = Field(default_factory=list)
+    timestamp: str | None = "timestamp"
+    timestamp_format: Literal["auto", "iso", "unix_s", "unix_ms"] = "auto"
+    features: list[Feature] = Field(min_length=1)
+    out_of_order: Literal["drop", "accept"] = "drop"
+
+    @field_validator("entity", mode="before")
+    @classmethod
+    def _entity_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _feature_shorthand(cls, value: Any) -> Any:
+        # `features: [cpu, mem]` is the common case; expand it to full entries.
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("features")
+    @classmethod
+    def _unique_names(cls, value: list[Feature]) -> list[Feature]:
+        names = [f.name for f in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate feature names: {', '.join(dupes)}")
+        return value
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+
+# --- windows, normalization, model, training ---------------------------------------------
+
+
+class Window(_Model):
+    """Sliding windows per entity: `size` samples, a window every `stride` samples."""
+
+    size: int = Field(64, ge=2, le=4096)
+    stride: int = Field(1, ge=1, le=4096)
+
+
+class Normalization(_Model):
+    """Scaling fitted on training data. `robust` = (x - median) / IQR; `standard` = z-score."""
+
+    method: Literal["robust", "standard", "none"] = "robust"
+    per_entity: bool = False
+    # Floor on the fitted scale so a constant training series does not divide by zero.
+    min_scale: float = Field(1e-6, gt=0)
+
+
+class ModelSpec(_Model):
+    """The recurrent autoencoder's shape."""
+
+    cell: Literal["lstm", "gru", "rnn"] = "lstm"
+    hidden_size: int = Field(32, ge=1, le=4096)
+    num_layers: int = Field(1, ge=1, le=8)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    latent_size: int = Field(16, ge=1, le=4096)
+    attention: bool = False
+
+
+class Training(_Model):
+    """How `detector train` fits the model."""
+
+    epochs: int = Field(30, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    validation_split: float = Field(0.2, gt=0, lt=1)
+    early_stopping_patience: int = Field(5, ge=0)
+    seed: int = 0
+    # Windows are taken every `stride` samples from the training data; cap the total.
+    stride: int = Field(1, ge=1)
+    max_windows: int = Field(50_000, ge=16)
+
+
+# --- thresholds and alerts ---------------------------------------------------------------
+
+
+class StaticRule(_Model):
+    """A fixed score threshold."""
+
+    rule: Literal["static"]
+    value: float = Field(ge=0)
+
+
+class QuantileRule(_Model):
+    """A quantile of the held-out validation errors, times `factor`."""
+
+    rule: Literal["quantile"]
+    q: float = Field(gt=0, lt=1)
+    factor: float = Field(1.0, gt=0)
+
+
+class DynamicRule(_Model):
+    """mean + k·std of each entity's recent scores (EWMA or a rolling window).
+
+    Until an entity has `warmup` scores, the population threshold from the training
+    errors (validation mean + k·std) applies. Scores above the threshold do not update the
+    statistics, so a long anomaly does not teach the rule that it is normal.
+    """
+
+    rule: Literal["dynamic"]
+    method: Literal["ewma", "rolling"] = "ewma"
+    k: float = Field(4.0, gt=0)
+    alpha: float = Field(0.01, gt=0, le=1)
+    window: int = Field(500, ge=2, le=100_000)
+    warmup: int = Field(100, ge=0)
+
+
+Rule = Annotated[StaticRule | QuantileRule | DynamicRule, Field(discriminator="rule")]
+
+
+class Thresholds(_Model):
+    """A score above `warning` is anomalous; above `critical` too, it is critical."""
+
+    warning: Rule = Field(default_factory=lambda: QuantileRule(rule="quantile", q=0.995))
+    critical: Rule | None = None
+
+    @model_validator(mode="after")
+    def _critical_above_warning(self) -> Thresholds:
+        w, c = self.warning, self.critical
+        if isinstance(w, StaticRule) and isinstance(c, StaticRule) and c.value < w.value:
+            raise ValueError("critical.value must be >= warning.value")
+        if isinstance(w, QuantileRule) and isinstance(c, QuantileRule) and c.q * c.factor < w.q * w.factor:
+            raise ValueError("critical quantile must not be below the warning quantile")
+        return self
+
+
+class AlertPolicy(_Model):
+    """Fire after `n` anomalous windows among the last `m`; resolve after `resolve_after`
+    normal windows in a row; after a resolve, stay quiet for `cooldown_s` of event time."""
+
+    n: int = Field(3, ge=1, le=64)
+    m: int = Field(5, ge=1, le=64)
+    cooldown_s: float = Field(300.0, ge=0)
+    resolve_after: int | None = Field(None, ge=1)
+    top_features: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _n_within_m(self) -> AlertPolicy:
+        if self.n > self.m:
+            raise ValueError(f"n ({self.n}) must be <= m ({self.m})")
+        return self
+
+    @property
+    def resolve_windows(self) -> int:
+        return self.resolve_after or self.m
+
+
+# --- stream and file ---------------------------------------------------------------------
+
+
+class Stream(_Model):
+    """One monitored stream: where records come from and how they become alerts."""
+
+    input: Input
+    mapping: Mapping
+    window: Window = Field(default_factory=Window)
+    normalization: Normalization = Field(default_factory=Normalization)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    training: Training = Field(default_factory=Training)
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    alerts: AlertPolicy = Field(default_factory=AlertPolicy)
+    checkpoint: Path | None = None
+
+    def layout_hash(self) -> str:
+        """Hash of everything a trained model depends on (features, window, scaling, model).
+
+        Thresholds and alert policy are left out: changing them needs no retraining.
+        """
+        parts = {
+            "features": self.mapping.feature_names,
+            "window": self.window.model_dump(),
+            "normalization": self.normalization.model_dump(),
+            "model": self.model.model_dump(),
+        }
+        blob = json.dumps(parts, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Scoring(_Model):
+    """How scoring uses the CPU."""
+
+    # Torch intra-op threads; None leaves torch's default (all cores).
+    threads: int | None = Field(None, ge=1, le=256)
+    # Windows per forward pass; bigger batches are faster per window up to a point.
+    batch_windows: int = Field(1024, ge=1)
+
+
+class Config(_Model):
+    streams: dict[Annotated[str, Field(pattern=_NAME_PATTERN)], Stream] = Field(min_length=1)
+    scoring: Scoring = Field(default_factory=Scoring)
+
+    def stream(self, name: str | None) -> tuple[str, Stream]:
+        """The named stream, or the only one when `name` is None."""
+        if name is None:
+            if len(self.streams) != 1:
+                raise ConfigError("--stream", [f"several streams configured, pick one of: {', '.join(self.streams)}"])
+            return next(iter(self.streams.items()))
+        if name not in self.streams:
+            raise ConfigError("--stream", [f"no stream named {name!r}; configured: {', '.join(self.streams)}"])
+        return name, self.streams[name]
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def _interpolate(node: Any, path: str, problems: list[str], secret_paths: set[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _interpolate(v, _join(path, k), problems, secret_paths) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, _join(path, i), problems, secret_paths) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name, default)
+        if value is None:
+            problems.append(f"{path or '<root>'}: environment variable {name} is not set")
+            return ""
+        return value
+
+    secret_paths.add(path)
+    return _ENV_PATTERN.sub(substitute, node)
+
+
+def _join(path: str, key: Any) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def _yaml_path(data: Any, loc: tuple[int | str, ...]) -> str:
+    """Turn a pydantic error location into the path a user sees in the YAML file.
+
+    Pydantic puts union tags (e.g. `quantile`) into the location; they are not keys in the
+    file, so walk the data and drop location parts that do not exist there.
+    """
+    path, node = "", data
+    for part in loc:
+        in_dict = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if in_dict or in_list:
+            path, node = _join(path, part), node[part]
+        elif isinstance(node, dict) and part in (node.get("kind"), node.get("rule")):
+            continue  # a union tag: stay on the same node
+        else:
+            # A key the file lacks (the error is about it being missing) or a list index past the end.
+            path, node = _join(path, part), None
+    return path or "<root>"
+
+
+def parse_config(text: str, source: str = "<string>", base_dir: Path | None = None) -> tuple[Config, set[str]]:
+    """Validate YAML text. Returns the config and the YAML paths filled from the environment."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["<root>: expected a mapping with a `streams` key"])
+    problems: list[str] = []
+    secret_paths: set[str] = set()
+    data = _interpolate(data, "", problems, secret_paths)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            problems.append(f"{_yaml_path(data, tuple(err['loc']))}: {err['msg']}")
+    if problems:
+        raise ConfigError(source, problems)
+    if base_dir is not None:
+        config = _resolve_paths(config, base_dir)
+    return config, secret_paths
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, interpolate and validate a YAML config; relative paths are taken from its folder."""
+    return load_config_with_secrets(path)[0]
+
+
+def load_config_with_secrets(path: str | Path) -> tuple[Config, set[str]]:
+    """Like `load_config`, also returning the YAML paths whose values came from `${ENV}`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    return parse_config(text, str(path), path.parent)
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    streams = {}
+    for name, stream in config.streams.items():
+        update: dict[str, Any] = {}
+        if stream.checkpoint is not None and not stream.checkpoint.is_absolute():
+            update["checkpoint"] = base / stream.checkpoint
+        if isinstance(stream.input, FileInput) and not stream.input.path.is_absolute():
+            update["input"] = stream.input.model_copy(update={"path": base / stream.input.path})
+        streams[name] = stream.model_copy(update=update)
+    return config.model_copy(update={"streams": streams})
+
+
+def masked_dump(config: Config, secret_paths: set[str]) -> str:
+    """The effective config as YAML, with every value that came from the environment masked."""
+    data = config.model_dump(mode="json")
+    for path in secret_paths:
+        _mask(data, path)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _mask(data: Any, path: str) -> None:
+    parts = re.findall(r"[^.\[\]]+|\[\d+\]", path)
+    node = data
+    for i, part in enumerate(parts):
+        key: Any = int(part[1:-1]) if part.startswith("[") else part
+        last = i == len(parts) - 1
+        try:
+            if last:
+                node[key] = "***"
+            else:
+                node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return

@@ -1,0 +1,139 @@
+"""Threshold rules: from a score to a severity.
+
+The model only scores; these objects decide. Each rule answers, for a sequence of
+(entity slot, score) pairs in arrival order, the threshold that applied to each score.
+Rules with state (`DynamicThreshold`) keep it per entity slot, so one noisy host does not
+raise the bar for the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from detector.config import DynamicRule, QuantileRule, Rule, StaticRule, Thresholds
+from detector.model import ErrorStats
+
+NONE, WARNING, CRITICAL = 0, 1, 2
+SEVERITY_NAMES = ("none", "warning", "critical")
+
+
+class StaticThreshold:
+    """The same value for every score."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def apply(self, slots: np.ndarray, scores: np.ndarray, update: bool = True) -> np.ndarray:
+        return np.full(len(scores), self.value, np.float64)
+
+
+class DynamicThreshold:
+    """mean + k·std of each entity's own recent normal scores.
+
+    `ewma` keeps an exponentially weighted mean and variance (the first 1/alpha scores are
+    averaged plainly, so the start is not biased towards the first score); `rolling` keeps
+    the last `window` normal scores. Until an entity has `warmup` normal scores, the
+    population threshold (validation mean + k·std) applies. A score above its threshold
+    does not update the statistics.
+    """
+
+    def __init__(self, rule: DynamicRule, population: ErrorStats) -> None:
+        self.rule = rule
+        self.population = population.mean + rule.k * population.std
+        self._n = np.zeros(0, np.int64)
+        self._mean = np.zeros(0, np.float64)
+        self._var = np.zeros(0, np.float64)
+        self._ring = np.zeros((0, rule.window if rule.method == "rolling" else 0), np.float64)
+
+    def _ensure(self, slots: np.ndarray) -> None:
+        need = int(slots.max()) + 1 if len(slots) else 0
+        if need <= len(self._n):
+            return
+        size = max(need, 2 * len(self._n))
+        for name in ("_n", "_mean", "_var", "_ring"):
+            old = getattr(self, name)
+            new = np.zeros((size, *old.shape[1:]), old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+
+    def apply(self, slots: np.ndarray, scores: np.ndarray, update: bool = True) -> np.ndarray:
+        self._ensure(slots)
+        out = np.empty(len(scores), np.float64)
+        k, warmup, population = self.rule.k, self.rule.warmup, self.population
+        rolling = self.rule.method == "rolling"
+        window, alpha = self.rule.window, self.rule.alpha
+        n_arr, mean_arr, var_arr, ring = self._n, self._mean, self._var, self._ring
+        # Sequential on purpose: each score's threshold depends on the scores before it.
+        for i in range(len(scores)):
+            slot, x = int(slots[i]), float(scores[i])
+            n = int(n_arr[slot])
+            mean, var = mean_arr[slot], var_arr[slot]
+            threshold = population if n < warmup or n == 0 else mean + k * var**0.5
+            out[i] = threshold
+            if not update or x > threshold:
+                continue
+            if rolling:
+                count = min(n, window)
+                if n >= window:
+                    old = ring[slot, n % window]
+                    new_mean = mean + (x - old) / window
+                    var = max(var + ((x - old) * (x - new_mean + old - mean)) / window, 0.0)
+                else:
+                    new_mean = mean + (x - mean) / (count + 1)
+                    var = (var * count + (x - mean) * (x - new_mean)) / (count + 1)
+                ring[slot, n % window] = x
+                mean = new_mean
+            else:
+                a = max(alpha, 1.0 / (n + 1))
+                delta = x - mean
+                mean += a * delta
+                var = (1.0 - a) * (var + a * delta * delta)
+            n_arr[slot], mean_arr[slot], var_arr[slot] = n + 1, mean, var
+        return out
+
+
+ThresholdRule = StaticThreshold | DynamicThreshold
+
+
+def build_rule(rule: Rule, errors: ErrorStats) -> ThresholdRule:
+    if isinstance(rule, StaticRule):
+        return StaticThreshold(rule.value)
+    if isinstance(rule, QuantileRule):
+        return StaticThreshold(errors.quantile(rule.q) * rule.factor)
+    if isinstance(rule, DynamicRule):
+        return DynamicThreshold(rule, errors)
+    raise TypeError(f"unknown threshold rule {rule!r}")
+
+
+@dataclass
+class Severities:
+    """Severity of each score and the threshold it was compared with.
+
+    Shape:
+        severity: (R,) int8 in {NONE, WARNING, CRITICAL}
+        threshold: (R,) float64, the critical threshold for critical scores, else the warning one
+    """
+
+    severity: np.ndarray
+    threshold: np.ndarray
+
+
+class SeverityRules:
+    """The warning rule and the optional critical rule of one stream."""
+
+    def __init__(self, config: Thresholds, errors: ErrorStats) -> None:
+        self.warning = build_rule(config.warning, errors)
+        self.critical = build_rule(config.critical, errors) if config.critical is not None else None
+
+    def apply(self, slots: np.ndarray, scores: np.ndarray, update: bool = True) -> Severities:
+        warn = self.warning.apply(slots, scores, update)
+        severity = (scores > warn).astype(np.int8)
+        threshold = warn
+        if self.critical is not None:
+            crit = self.critical.apply(slots, scores, update)
+            is_critical = (scores > crit) & (severity == WARNING)
+            severity[is_critical] = CRITICAL
+            threshold = np.where(is_critical, crit, warn)
+        return Severities(severity, threshold)

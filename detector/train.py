@@ -1,0 +1,150 @@
+"""Fitting a stream's model on history.
+
+`fit` takes decoded samples (any number of entities, in arrival order), fits the scaler,
+cuts windows exactly as the pipeline will, holds out the latest part of each entity's
+windows for validation, trains with early stopping, and returns a `Checkpoint` whose error
+statistics come from those held-out windows.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from detector.config import Stream
+from detector.errors import InputError
+from detector.model import Checkpoint, ErrorStats, RecurrentAutoencoder, new_version, score_windows
+from detector.source import SampleBatch
+from detector.window import Scaler, WindowStore
+
+log = logging.getLogger(__name__)
+
+
+def training_windows(stream: Stream, samples: SampleBatch, scaler: Scaler) -> tuple[np.ndarray, np.ndarray]:
+    """Normalized windows at the training stride, and the entity slot of each.
+
+    Shape:
+        returns: windows (R, W, D) float32 in arrival order, slots (R,) int64
+    """
+    store = WindowStore(stream.window.size, stream.training.stride, samples.values.shape[1], scaler)
+    ready, late = store.append(samples, drop_out_of_order=stream.mapping.out_of_order == "drop")
+    if len(late):
+        log.warning("training data: %d out-of-order samples skipped", len(late))
+    return ready.values, ready.slots
+
+
+def split_validation(slots: np.ndarray, fraction: float, gap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of training and validation windows: the latest `fraction` of each entity's
+    windows validate, and `gap` windows before them are dropped so no validation window
+    overlaps a training window."""
+    train, val = [], []
+    for slot in np.unique(slots):
+        idx = np.flatnonzero(slots == slot)
+        n_val = max(1, round(len(idx) * fraction))
+        if len(idx) - n_val - gap >= max(1, n_val):
+            train.append(idx[: len(idx) - n_val - gap])
+        else:
+            train.append(idx[: len(idx) - n_val])
+        val.append(idx[len(idx) - n_val :])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def fit(stream_name: str, stream: Stream, samples: SampleBatch, progress: bool = True) -> Checkpoint:
+    """Train a model for `stream` on `samples` (raw, any entities) and return its checkpoint."""
+    cfg = stream.training
+    if len(samples) == 0:
+        raise InputError("no usable training rows")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    scaler = Scaler.fit(samples.values, samples.entities, stream.normalization)
+    windows, slots = training_windows(stream, samples, scaler)
+    if len(windows) < 4:
+        raise InputError(
+            f"only {len(windows)} training windows; need at least 4 (each entity needs more than "
+            f"window.size={stream.window.size} rows)"
+        )
+    gap = math.ceil((stream.window.size - 1) / cfg.stride)
+    train_idx, val_idx = split_validation(slots, cfg.validation_split, gap)
+    if len(train_idx) > cfg.max_windows:
+        train_idx = np.sort(rng.choice(train_idx, cfg.max_windows, replace=False))
+    x_train = torch.from_numpy(windows[train_idx])
+    x_val = torch.from_numpy(windows[val_idx])
+
+    model = RecurrentAutoencoder(windows.shape[2], stream.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    loss_fn = nn.MSELoss()
+    best_state = copy.deepcopy(model.state_dict())
+    best_val, stale, epochs_run = math.inf, 0, 0
+    history: list[tuple[float, float]] = []
+    batches_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
+    started = time.monotonic()
+    bar = tqdm(
+        total=cfg.epochs * batches_per_epoch,
+        desc=f"train {stream_name}",
+        unit="batch",
+        disable=not progress,
+        leave=True,
+    )
+    try:
+        for epoch in range(cfg.epochs):
+            model.train()
+            order = torch.from_numpy(rng.permutation(len(x_train)))
+            total = 0.0
+            for b in range(batches_per_epoch):
+                xb = x_train[order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
+                optimizer.zero_grad()
+                loss = loss_fn(model(xb), xb)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                total += loss.item() * len(xb)
+                bar.update(1)
+            train_loss = total / len(x_train)
+            model.eval()
+            val_loss = float(score_windows(model, x_val.numpy())[0].mean())
+            history.append((train_loss, val_loss))
+            epochs_run = epoch + 1
+            bar.set_postfix(epoch=epochs_run, loss=f"{train_loss:.4g}", val_loss=f"{val_loss:.4g}")
+            if val_loss < best_val - 1e-9:
+                best_val, stale = val_loss, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+                if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
+                    log.info("early stopping after epoch %d (no improvement for %d epochs)", epochs_run, stale)
+                    break
+    finally:
+        bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    val_errors = score_windows(model, x_val.numpy())[0]
+    return Checkpoint(
+        model=model,
+        scaler=scaler,
+        errors=ErrorStats.from_errors(val_errors),
+        features=tuple(stream.mapping.feature_names),
+        window_size=stream.window.size,
+        version=new_version(stream_name, model),
+        layout_hash=stream.layout_hash(),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        training={
+            "rows": len(samples),
+            "entities": len(set(samples.entities)),
+            "train_windows": len(train_idx),
+            "validation_windows": len(val_idx),
+            "epochs": epochs_run,
+            "best_validation_loss": best_val,
+            "first_ms": int(samples.timestamps.min()),
+            "last_ms": int(samples.timestamps.max()),
+            "seconds": round(time.monotonic() - started, 2),
+        },
+    )
