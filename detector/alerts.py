@@ -56,14 +56,20 @@ class Alert:
             "severity": self.severity,
             "window_start": format_timestamp(self.window_start_ms),
             "window_end": format_timestamp(self.window_end_ms),
-            "score": round(self.score, 6),
-            "threshold": round(self.threshold, 6),
-            "top_features": [{"name": n, "error": round(e, 6)} for n, e in self.top_features],
+            "score": _significant(self.score),
+            "threshold": _significant(self.threshold),
+            "top_features": [{"name": n, "error": _significant(e)} for n, e in self.top_features],
             "model_version": self.model_version,
         }
         if self.resolves is not None:
             out["resolves"] = self.resolves
         return out
+
+
+def _significant(value: float) -> float:
+    """Six significant digits: rounding to decimal places would turn small reconstruction
+    errors (1e-7 on a well-fitted model) into 0.0 and hide that the score beat the threshold."""
+    return float(f"{value:.6g}")
 
 
 @dataclass

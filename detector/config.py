@@ -144,6 +144,9 @@ class Training(_Model):
     # Windows are taken every `stride` samples from the training data; cap the total.
     stride: int = Field(1, ge=1)
     max_windows: int = Field(50_000, ge=16)
+    # Training data is rarely clean: ignore the worst-reconstructed fraction of each batch
+    # so that anomalies in the history are not learned as normal.
+    trim_fraction: float = Field(0.0, ge=0, lt=0.5)
 
 
 # --- thresholds and alerts ---------------------------------------------------------------
@@ -280,7 +283,7 @@ class Config(_Model):
 
 def _interpolate(node: Any, path: str, problems: list[str], secret_paths: set[str]) -> Any:
     if isinstance(node, dict):
-        return {k: _interpolate(v, _join(path, k), problems, secret_paths) for k, v in node.items()}
+        return {k: _interpolate(v, _join(path, str(k)), problems, secret_paths) for k, v in node.items()}
     if isinstance(node, list):
         return [_interpolate(v, _join(path, i), problems, secret_paths) for i, v in enumerate(node)]
     if not isinstance(node, str) or "${" not in node:
@@ -312,9 +315,14 @@ def _yaml_path(data: Any, loc: tuple[int | str, ...]) -> str:
     """
     path, node = "", data
     for part in loc:
+        if part == "[key]":
+            continue  # pydantic's marker for "the dict key itself is invalid": the path names it already
         in_dict = isinstance(node, dict) and part in node
         in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
-        if in_dict or in_list:
+        if in_dict:
+            # str(): a YAML key like `1:` is a dict key, not a list index.
+            path, node = _join(path, str(part)), node[part]
+        elif in_list:
             path, node = _join(path, part), node[part]
         elif isinstance(node, dict) and part in (node.get("kind"), node.get("rule")):
             continue  # a union tag: stay on the same node
@@ -339,7 +347,11 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
         config = Config.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
-            problems.append(f"{_yaml_path(data, tuple(err['loc']))}: {err['msg']}")
+            loc = tuple(err["loc"])
+            if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                # Point at the tag key itself (`input.kind`), not at the whole mapping.
+                loc = (*loc, str(err.get("ctx", {}).get("discriminator", "")).strip("'"))
+            problems.append(f"{_yaml_path(data, loc)}: {err['msg']}")
     if problems:
         raise ConfigError(source, problems)
     if base_dir is not None:
@@ -359,6 +371,8 @@ def load_config_with_secrets(path: str | Path) -> tuple[Config, set[str]]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [f"cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
     return parse_config(text, str(path), path.parent)
 
 
@@ -382,16 +396,27 @@ def masked_dump(config: Config, secret_paths: set[str]) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def _mask(data: Any, path: str) -> None:
-    parts = re.findall(r"[^.\[\]]+|\[\d+\]", path)
-    node = data
-    for i, part in enumerate(parts):
-        key: Any = int(part[1:-1]) if part.startswith("[") else part
-        last = i == len(parts) - 1
-        try:
-            if last:
-                node[key] = "***"
-            else:
-                node = node[key]
-        except (KeyError, IndexError, TypeError):
+def _mask(node: Any, path: str) -> None:
+    """Replace the value at `path` (as `_interpolate` wrote it) with "***".
+
+    Keys may contain dots (stream names may), so each dict key is matched against the start
+    of the remaining path instead of splitting the path on dots.
+    """
+    if isinstance(node, list):
+        match = re.match(r"\[(\d+)\]", path)
+        if match is None or int(match.group(1)) >= len(node):
             return
+        index, rest = int(match.group(1)), path[match.end() :]
+        if rest:
+            _mask(node[index], rest.removeprefix("."))
+        else:
+            node[index] = "***"
+        return
+    if not isinstance(node, dict):
+        return
+    for key in list(node):
+        name = str(key)
+        if path == name:
+            node[key] = "***"
+        elif path.startswith(name) and path[len(name)] in ".[":
+            _mask(node[key], path[len(name) :].removeprefix("."))

@@ -8,9 +8,7 @@ code from the file.
 from __future__ import annotations
 
 import hashlib
-import io
 import pickle
-import zipfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,8 +85,19 @@ def reconstruction_error(model: nn.Module, windows: torch.Tensor) -> tuple[torch
     return per_feature.mean(dim=1), per_feature
 
 
+# Every forward pass gets a multiple of this many rows (zero windows pad the last one). CPU
+# kernels take other code paths for a few rows than for many and round differently, so
+# without padding a window's score would change in its last bits with the number of windows
+# scored beside it, i.e. with how the records were cut into batches.
+_PASS_ROWS = 16
+
+
 def score_windows(model: nn.Module, windows: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Score normalized windows in batches, in inference mode.
+
+    A window's score does not depend on the other windows scored with it (forward passes are
+    padded to a multiple of 16 rows), so any cut of the same windows into calls gives the
+    same scores, bit for bit.
 
     Shape:
         windows: (R, W, D) float32
@@ -100,9 +109,14 @@ def score_windows(model: nn.Module, windows: np.ndarray, batch_size: int = 1024)
     with torch.inference_mode():
         tensor = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
         for start in range(0, len(tensor), batch_size):
-            s, f = reconstruction_error(model, tensor[start : start + batch_size])
-            scores.append(s.numpy())
-            features.append(f.numpy())
+            chunk = tensor[start : start + batch_size]
+            rows = -(-len(chunk) // _PASS_ROWS) * _PASS_ROWS
+            if rows > len(chunk):
+                chunk = torch.cat([chunk, chunk.new_zeros((rows - len(chunk), *chunk.shape[1:]))])
+            s, f = reconstruction_error(model, chunk)
+            n = min(batch_size, len(tensor) - start)
+            scores.append(s[:n].numpy())
+            features.append(f[:n].numpy())
     return np.concatenate(scores), np.concatenate(features)
 
 
@@ -197,13 +211,16 @@ def load_checkpoint(path: Path, stream: Stream | None = None) -> Checkpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown object"
         raise CheckpointError(
             f"checkpoint {path} refused: it holds something other than tensors and plain data, "
-            f"so it was not written by detector or was tampered with ({first_line})"
+            f"so it was not written by detector or was tampered with ({_refusal_reason(exc)})"
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, io.UnsupportedOperation) as exc:
-        raise CheckpointError(f"checkpoint {path} is not a readable torch file: {str(exc)[:200]}") from None
+    except Exception as exc:
+        # The weights-only unpickler runs no code from the file, so whatever else it raises on a
+        # damaged or foreign file (KeyError, IndexError, struct.error, ...) means "unreadable".
+        message = str(exc).strip()
+        detail = type(exc).__name__ + (f": {message.splitlines()[0][:200]}" if message else "")
+        raise CheckpointError(f"checkpoint {path} is not a readable torch file: {detail}") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path} is not a detector checkpoint (not a dict)")
     missing = [k for k in _REQUIRED_KEYS if k not in payload]
@@ -211,7 +228,7 @@ def load_checkpoint(path: Path, stream: Stream | None = None) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} is not a detector checkpoint (missing: {', '.join(missing)})")
     if payload["format"] != CHECKPOINT_FORMAT:
         raise CheckpointError(
-            f"checkpoint {path} has format {payload['format']}, this detector reads {CHECKPOINT_FORMAT}"
+            f"checkpoint {path} has format {payload['format']!r}, this detector reads {CHECKPOINT_FORMAT}"
         )
     try:
         ckpt = _from_payload(payload)
@@ -222,25 +239,59 @@ def load_checkpoint(path: Path, stream: Stream | None = None) -> Checkpoint:
     return ckpt
 
 
+def _refusal_reason(exc: Exception) -> str:
+    """The line of torch's weights-only refusal that names what was refused.
+
+    Its first line only advises re-running with `weights_only=False`, which is exactly what
+    must not be done with a file that smuggles in code.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line[:300]
+    return lines[-1][:300] if lines else "unknown object"
+
+
 def _from_payload(payload: dict[str, Any]) -> Checkpoint:
-    features = tuple(str(f) for f in payload["features"])
+    if not isinstance(payload["features"], list | tuple) or not all(isinstance(f, str) for f in payload["features"]):
+        raise TypeError("features is not a list of names")
+    features = tuple(payload["features"])
+    if isinstance(payload["window_size"], bool) or not isinstance(payload["window_size"], int):
+        raise TypeError(f"window_size {payload['window_size']!r} is not an integer")
     spec = ModelSpec.model_validate(payload["model"])
     model = RecurrentAutoencoder(len(features), spec)
     model.load_state_dict(payload["state_dict"], strict=True)
+    if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()):
+        raise ValueError("model weights are not all finite")
     model.eval()
     s = payload["scaler"]
 
     def array(t: Any) -> np.ndarray | None:
-        return None if t is None else t.detach().cpu().numpy().astype(np.float32)
+        if t is None:
+            return None
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"expected a tensor, got {type(t).__name__}")
+        return t.detach().cpu().numpy().astype(np.float32)
 
+    d = len(features)
     center, scale = array(s["center"]), array(s["scale"])
-    if center is None or scale is None or center.shape != (len(features),) or scale.shape != (len(features),):
+    if center is None or scale is None or center.shape != (d,) or scale.shape != (d,):
         raise ValueError("scaler does not match the feature count")
-    scaler = Scaler(center, scale, tuple(s["entities"]), array(s["entity_center"]), array(s["entity_scale"]))
+    entities = tuple(str(e) for e in s["entities"])
+    entity_center, entity_scale = array(s["entity_center"]), array(s["entity_scale"])
+    if entities and not (
+        entity_center is not None
+        and entity_scale is not None
+        and entity_center.shape == entity_scale.shape == (len(entities), d)
+    ):
+        raise ValueError("per-entity scaler does not match the entity and feature counts")
+    scaler = Scaler(center, scale, entities, entity_center, entity_scale)
     e = payload["errors"]
     errors = ErrorStats(array(e["sorted"]), float(e["mean"]), float(e["std"]))  # type: ignore[arg-type]
     if errors.sorted_errors is None or len(errors.sorted_errors) == 0:
         raise ValueError("no validation errors")
+    if not np.isfinite(errors.sorted_errors).all() or not np.isfinite([errors.mean, errors.std]).all():
+        raise ValueError("validation errors are not all finite")
     return Checkpoint(
         model=model,
         scaler=scaler,

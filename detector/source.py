@@ -200,6 +200,10 @@ def parse_timestamp(value: Any, fmt: Literal["auto", "iso", "unix_s", "unix_ms"]
         return None
     number = _number(value) if fmt != "iso" else None
     if isinstance(number, float | int):
+        try:
+            number = float(number)  # a Python int can exceed the float range
+        except OverflowError:
+            return None
         if not math.isfinite(number):
             return None
         in_ms = fmt == "unix_ms" or (fmt == "auto" and abs(number) >= _SECONDS_LIMIT)
@@ -219,7 +223,8 @@ def parse_timestamp(value: Any, fmt: Literal["auto", "iso", "unix_s", "unix_ms"]
 def format_timestamp(ms: int) -> str:
     """ISO 8601 UTC with milliseconds, e.g. 2013-12-02T21:15:00.000Z."""
     moment = datetime.fromtimestamp(ms / 1000.0, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    # Not strftime("%Y"): it does not zero-pad years before 1000 on glibc, which is not ISO 8601.
+    return f"{moment.year:04d}-" + moment.strftime("%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
 def _lookup(record: dict[str, Any], path: str) -> Any:
@@ -282,8 +287,10 @@ def read_file(
     try:
         with opener(path, "rb") as raw:
             if kind == "csv":
-                text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
-                reader = csv.DictReader(text)
+                # utf-8-sig: a byte-order mark (Excel exports) must not become part of the first column name.
+                text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
+                tsv = path.name.lower().removesuffix(".gz").endswith(".tsv")
+                reader = csv.DictReader(text, delimiter="\t" if tsv else ",")
                 if not reader.fieldnames:
                     raise InputError(f"{path}: empty CSV (no header row)")
                 for row_no, row in enumerate(reader, start=1):
@@ -292,6 +299,8 @@ def read_file(
                         yield builder.build()
             else:
                 for row_no, line in enumerate(raw, start=1):
+                    if row_no == 1:
+                        line = line.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not JSON
                     if line.strip():
                         builder.add(decoder.decode_bytes(line, row_no, row_no), row_no)
                     else:

@@ -80,7 +80,6 @@ def fit(stream_name: str, stream: Stream, samples: SampleBatch, progress: bool =
 
     model = RecurrentAutoencoder(windows.shape[2], stream.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    loss_fn = nn.MSELoss()
     best_state = copy.deepcopy(model.state_dict())
     best_val, stale, epochs_run = math.inf, 0, 0
     history: list[tuple[float, float]] = []
@@ -101,7 +100,11 @@ def fit(stream_name: str, stream: Stream, samples: SampleBatch, progress: bool =
             for b in range(batches_per_epoch):
                 xb = x_train[order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
                 optimizer.zero_grad()
-                loss = loss_fn(model(xb), xb)
+                per_window = (model(xb) - xb).pow(2).mean(dim=(1, 2))
+                if cfg.trim_fraction > 0:
+                    keep = max(1, int(len(per_window) * (1 - cfg.trim_fraction)))
+                    per_window = per_window.sort().values[:keep]
+                loss = per_window.mean()
                 loss.backward()
                 if cfg.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -1,5 +1,6 @@
 """WindowStore against a plain per-entity reference, for any batch cut."""
 
+import itertools
 from collections import defaultdict, deque
 
 import numpy as np
@@ -54,7 +55,7 @@ def test_windows_match_reference_for_any_batching(case) -> None:
     store = WindowStore(size, stride, 2, IDENTITY, capacity=1)
     got_rows, got_windows = [], []
     bounds = [0, *cuts, len(entities)]
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+    for lo, hi in itertools.pairwise(bounds):
         if lo == hi:
             continue
         batch = make_batch(entities[lo:hi], list(range(lo, hi)), values[lo:hi])

@@ -1,0 +1,323 @@
+"""Threshold rules on hand-built score sequences, against hand-computed numbers and a plain
+numpy reference."""
+
+from collections import defaultdict
+from itertools import pairwise
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detector.config import DynamicRule, QuantileRule, StaticRule, Thresholds
+from detector.model import ErrorStats
+from detector.threshold import CRITICAL, NONE, WARNING, DynamicThreshold, SeverityRules, StaticThreshold, build_rule
+
+# Population: validation mean 1.0, std 0.5.
+POPULATION = ErrorStats(np.array([0.5, 1.0, 1.5], np.float32), mean=1.0, std=0.5)
+
+
+def dynamic(**kwargs: object) -> DynamicThreshold:
+    return DynamicThreshold(DynamicRule.model_validate({"rule": "dynamic", **kwargs}), POPULATION)
+
+
+def one_slot(scores: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(len(scores), np.int64), np.asarray(scores, np.float64)
+
+
+def rolling_reference(
+    slots: np.ndarray, scores: np.ndarray, k: float, window: int, warmup: int, population: float
+) -> np.ndarray:
+    """The obvious implementation: keep every accepted score per slot in a list."""
+    accepted: dict[int, list[float]] = defaultdict(list)
+    out = []
+    for slot, x in zip(slots.tolist(), scores.tolist(), strict=True):
+        history = accepted[slot]
+        if not history or len(history) < warmup:
+            threshold = population
+        else:
+            recent = np.asarray(history[-window:])
+            threshold = recent.mean() + k * recent.std()
+        out.append(threshold)
+        if x <= threshold:
+            history.append(x)
+    return np.asarray(out)
+
+
+# --- static and quantile -------------------------------------------------------------------
+
+
+def test_static_threshold_is_the_value_for_every_score() -> None:
+    rule = StaticThreshold(2.5)
+    got = rule.apply(np.array([0, 1, 0, 7]), np.array([0.1, 9.0, 2.5, 3.0]))
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, [2.5, 2.5, 2.5, 2.5])
+    assert len(rule.apply(np.zeros(0, np.int64), np.zeros(0))) == 0
+
+
+def test_quantile_rule_is_validation_quantile_times_factor() -> None:
+    # 0, 1, ..., 100: the 0.9 quantile is exactly 90.
+    errors = ErrorStats.from_errors(np.arange(101, dtype=np.float32))
+    assert errors.quantile(0.9) == pytest.approx(90.0)
+    assert errors.mean == pytest.approx(50.0)
+    assert errors.std == pytest.approx(850**0.5)  # population variance of 0..100 is (101² - 1) / 12
+    rule = build_rule(QuantileRule(rule="quantile", q=0.9, factor=1.5), errors)
+    assert isinstance(rule, StaticThreshold)
+    assert rule.value == pytest.approx(135.0)
+    assert build_rule(QuantileRule(rule="quantile", q=0.5), errors).value == pytest.approx(50.0)
+
+
+def test_error_stats_subsample_keeps_range_order_and_exact_moments() -> None:
+    errors = np.arange(100_000, dtype=np.float32)[::-1].copy()
+    stats = ErrorStats.from_errors(errors, keep=1000)
+    assert len(stats.sorted_errors) == 1000
+    assert stats.sorted_errors[0] == 0.0
+    assert stats.sorted_errors[-1] == 99_999.0
+    assert np.all(np.diff(stats.sorted_errors) > 0)
+    assert stats.mean == pytest.approx(49_999.5)
+    assert stats.quantile(0.5) == pytest.approx(49_999.5, rel=1e-3)
+
+
+def test_build_rule_static() -> None:
+    rule = build_rule(StaticRule(rule="static", value=0.7), POPULATION)
+    np.testing.assert_array_equal(rule.apply(*one_slot([1.0, 0.0])), [0.7, 0.7])
+
+
+# --- dynamic: ewma -------------------------------------------------------------------------
+
+
+def test_ewma_hand_computed_sequence() -> None:
+    # k=2, alpha=0.25 (the first 4 accepted scores are averaged plainly), warm-up 2;
+    # population threshold = 1.0 + 2 * 0.5 = 2.0.
+    rule = dynamic(method="ewma", k=2.0, alpha=0.25, warmup=2)
+    got = rule.apply(*one_slot([1.0, 2.0, 1.5, 0.5, 9.0, 1.0, 0.0]))
+    expected = [
+        2.0,  # no history: population
+        2.0,  # 1 accepted < warm-up: population; 2.0 is not above 2.0, so accepted
+        1.5 + 2 * 0.5,  # [1, 2]: mean 1.5, var 0.25
+        1.5 + 2 * (1 / 6) ** 0.5,  # [1, 2, 1.5]: mean 1.5, var 1/6
+        1.25 + 2 * 0.3125**0.5,  # [1, 2, 1.5, 0.5]: mean 1.25, var 0.3125
+        1.25 + 2 * 0.3125**0.5,  # 9.0 was above its threshold: no update
+        # weight 0.25 from now on: delta = -0.25, mean = 1.1875, var = 0.75 * (0.3125 + 0.25 * 0.0625)
+        1.1875 + 2 * 0.24609375**0.5,
+    ]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_ewma_averages_plainly_until_one_over_alpha_scores() -> None:
+    # Every score stays below the threshold it meets (k=3), so all are accepted.
+    scores = [2.0, 1.0, 2.5, 1.5, 3.0, 2.0, 1.0, 2.2]
+    rule = dynamic(method="ewma", k=3.0, alpha=0.1, warmup=1)
+    got = rule.apply(*one_slot([*scores, 0.0]))
+    assert np.all(np.asarray(scores) <= got[:-1])
+    for n in range(1, len(scores) + 1):
+        plain = np.asarray(scores[:n])
+        assert got[n] == pytest.approx(plain.mean() + 3.0 * plain.std(), rel=1e-12)
+
+
+def test_ewma_weights_recent_scores_after_the_plain_start() -> None:
+    # alpha=0.5, warm-up 3 (population threshold 100 accepts the first three scores).
+    # After [1, 1] the mean is 1; with weight max(0.5, 1/3) = 0.5 a score of 3 moves it halfway:
+    # mean 2, var = 0.5 * (0 + 0.5 * 2²) = 1 (a plain average would give 5/3).
+    rule = dynamic(method="ewma", k=1.0, alpha=0.5, warmup=3)
+    rule.population = 100.0
+    got = rule.apply(*one_slot([1.0, 1.0, 3.0, 0.0]))
+    np.testing.assert_array_equal(got[:3], [100.0, 100.0, 100.0])
+    assert got[3] == pytest.approx(2.0 + 1.0)
+
+
+# --- dynamic: rolling ----------------------------------------------------------------------
+
+
+def test_rolling_hand_computed_sequence() -> None:
+    # window 3, k=1, warm-up 2; population threshold 1.0 + 1 * 0.5 = 1.5.
+    rule = dynamic(method="rolling", k=1.0, window=3, warmup=2)
+    got = rule.apply(*one_slot([1.0, 2.0, 1.4, 0.8, 5.0, 1.1, 0.9, 1.2, 0.0]))
+
+    def bar(values: list[float]) -> float:
+        return float(np.mean(values) + np.std(values))
+
+    expected = [
+        1.5,  # population
+        1.5,  # 2.0 > 1.5: rejected, still 1 accepted
+        1.5,  # 1.4 accepted: 2 accepted, warm-up done
+        bar([1.0, 1.4]),  # = 1.2 + 0.2 = 1.4
+        bar([1.0, 1.4, 0.8]),  # 5.0 rejected
+        bar([1.0, 1.4, 0.8]),
+        bar([1.4, 0.8, 1.1]),  # 1.0 left the window
+        bar([0.8, 1.1, 0.9]),  # 1.2 > this (≈ 1.058): rejected
+        bar([0.8, 1.1, 0.9]),
+    ]
+    assert expected[3] == pytest.approx(1.4)
+    assert expected[7] == pytest.approx(1.0581, abs=1e-4)
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize(("window", "warmup", "k"), [(5, 3, 2.0), (2, 0, 1.0), (50, 10, 3.0), (4, 40, 2.5)])
+def test_rolling_matches_numpy_reference(window: int, warmup: int, k: float) -> None:
+    rng = np.random.default_rng(window + warmup)
+    n = 400
+    slots = rng.integers(0, 3, n)
+    scores = rng.gamma(4.0, 0.25, n) + slots * 0.5  # each slot has its own level
+    scores[rng.random(n) < 0.05] += 20.0  # some anomalies
+    rule = dynamic(method="rolling", k=k, window=window, warmup=warmup)
+    expected = rolling_reference(slots, scores, k, window, warmup, rule.population)
+    got = rule.apply(slots, scores)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    # The rule did leave the population threshold for at least one slot.
+    assert np.any(got != rule.population)
+
+
+def test_rolling_variance_stays_accurate_over_a_long_run() -> None:
+    # Thousands of window replacements at a large offset: the running update must not drift
+    # from the mean and std of the last `window` accepted scores.
+    rng = np.random.default_rng(3)
+    scores = 1000.0 + rng.random(20_000)
+    slots = np.zeros(len(scores), np.int64)
+    rule = dynamic(method="rolling", k=4.0, window=10, warmup=5)
+    rule.population = 2000.0  # accept the warm-up scores
+    got = rule.apply(slots, scores)
+    expected = rolling_reference(slots, scores, 4.0, 10, 5, rule.population)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert np.mean(scores <= got) > 0.9  # most scores were accepted, so the window kept moving
+
+
+# --- dynamic: shared behaviour ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ewma", "rolling"])
+def test_warmup_uses_population_threshold(method: str) -> None:
+    rule = dynamic(method=method, k=3.0, warmup=5, window=10, alpha=0.1)
+    got = rule.apply(*one_slot([0.1, 0.1, 0.1, 0.1, 0.1, 0.1]))
+    np.testing.assert_array_equal(got[:5], [2.5] * 5)  # 1.0 + 3 * 0.5
+    assert got[5] == pytest.approx(0.1)  # five equal scores: mean 0.1, std 0
+
+
+@pytest.mark.parametrize("method", ["ewma", "rolling"])
+def test_scores_above_threshold_do_not_update(method: str) -> None:
+    base = [1.0, 1.2, 0.8, 1.1, 0.9]
+    with_spikes = dynamic(method=method, k=2.0, warmup=2, window=4, alpha=0.3)
+    without = dynamic(method=method, k=2.0, warmup=2, window=4, alpha=0.3)
+    spiked_seq = [1.0, 1.2, 50.0, 0.8, 1.1, 60.0, 0.9, 0.0]
+    got = with_spikes.apply(*one_slot(spiked_seq))
+    ref = without.apply(*one_slot([*base, 0.0]))
+    # Dropping the spikes from the sequence changes no threshold.
+    np.testing.assert_array_equal(got, ref[[0, 1, 2, 2, 3, 4, 4, 5]])
+    assert got[2] < 50.0 and got[5] < 60.0
+
+
+@pytest.mark.parametrize("method", ["ewma", "rolling"])
+def test_entities_are_independent(method: str) -> None:
+    rng = np.random.default_rng(7)
+    a = rng.random(60) + 1.0
+    b = rng.random(60) * 5.0  # a noisier entity
+    alone = dynamic(method=method, k=2.0, warmup=5, window=8, alpha=0.2).apply(np.zeros(60, np.int64), a)
+    slots = np.tile([0, 1], 60)
+    scores = np.empty(120)
+    scores[0::2], scores[1::2] = a, b
+    together = dynamic(method=method, k=2.0, warmup=5, window=8, alpha=0.2).apply(slots, scores)
+    np.testing.assert_array_equal(together[0::2], alone)
+    assert not np.array_equal(together[1::2], alone)
+
+
+@pytest.mark.parametrize("method", ["ewma", "rolling"])
+def test_update_false_changes_nothing(method: str) -> None:
+    history = [1.0, 1.3, 0.9, 1.1, 1.0, 1.2]
+    probe = np.array([0.5, 1.0, 1.4, 0.2])
+    touched = dynamic(method=method, k=2.0, warmup=2, window=4, alpha=0.3)
+    untouched = dynamic(method=method, k=2.0, warmup=2, window=4, alpha=0.3)
+    touched.apply(*one_slot(history))
+    untouched.apply(*one_slot(history))
+    first = touched.apply(np.zeros(4, np.int64), probe, update=False)
+    second = touched.apply(np.zeros(4, np.int64), probe, update=False)
+    np.testing.assert_array_equal(first, second)
+    assert np.all(first == first[0])  # no score inside the call moved the threshold
+    # A slot never seen before, probed without update, stays at the population threshold.
+    np.testing.assert_array_equal(touched.apply(np.array([5, 5]), np.array([0.1, 0.1]), update=False), [2.0, 2.0])
+    np.testing.assert_array_equal(
+        touched.apply(*one_slot([1.0, 1.0, 1.0])), untouched.apply(*one_slot([1.0, 1.0, 1.0]))
+    )
+
+
+@st.composite
+def dynamic_cases(draw: st.DrawFn) -> tuple[DynamicRule, np.ndarray, np.ndarray, list[int]]:
+    rule = DynamicRule(
+        rule="dynamic",
+        method=draw(st.sampled_from(["ewma", "rolling"])),
+        k=draw(st.floats(0.5, 4.0)),
+        alpha=draw(st.floats(0.01, 1.0)),
+        window=draw(st.integers(2, 8)),
+        warmup=draw(st.integers(0, 6)),
+    )
+    n = draw(st.integers(0, 80))
+    slots = np.asarray(draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)), np.int64)
+    scores = np.asarray(draw(st.lists(st.floats(0.0, 10.0), min_size=n, max_size=n)), np.float64)
+    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=6)))
+    return rule, slots, scores, cuts
+
+
+@settings(max_examples=200, deadline=None)
+@given(dynamic_cases())
+def test_dynamic_threshold_is_the_same_for_any_chunking(
+    case: tuple[DynamicRule, np.ndarray, np.ndarray, list[int]],
+) -> None:
+    rule, slots, scores, cuts = case
+    whole = DynamicThreshold(rule, POPULATION).apply(slots, scores)
+    chunked_rule = DynamicThreshold(rule, POPULATION)
+    bounds = [0, *cuts, len(scores)]
+    chunked = np.concatenate([chunked_rule.apply(slots[lo:hi], scores[lo:hi]) for lo, hi in pairwise(bounds)])
+    np.testing.assert_array_equal(chunked, whole)
+
+
+# --- severities ----------------------------------------------------------------------------
+
+
+def thresholds(warning: dict[str, object], critical: dict[str, object] | None = None) -> Thresholds:
+    return Thresholds.model_validate({"warning": warning, "critical": critical})
+
+
+def test_severity_warning_and_critical() -> None:
+    rules = SeverityRules(thresholds({"rule": "static", "value": 1.0}, {"rule": "static", "value": 2.0}), POPULATION)
+    got = rules.apply(*one_slot([0.5, 1.5, 2.5, 1.0, 2.0, 100.0]))
+    assert got.severity.dtype == np.int8
+    np.testing.assert_array_equal(got.severity, [NONE, WARNING, CRITICAL, NONE, WARNING, CRITICAL])
+    # Critical scores report the critical threshold, the rest the warning one.
+    np.testing.assert_array_equal(got.threshold, [1.0, 1.0, 2.0, 1.0, 1.0, 2.0])
+
+
+def test_severity_without_critical_rule_is_never_critical() -> None:
+    rules = SeverityRules(thresholds({"rule": "static", "value": 1.0}), POPULATION)
+    got = rules.apply(*one_slot([0.5, 1.5, 1e9]))
+    np.testing.assert_array_equal(got.severity, [NONE, WARNING, WARNING])
+    np.testing.assert_array_equal(got.threshold, [1.0, 1.0, 1.0])
+
+
+def test_severity_quantile_warning_static_critical() -> None:
+    errors = ErrorStats.from_errors(np.arange(101, dtype=np.float32))  # 0.9 quantile = 90
+    rules = SeverityRules(
+        thresholds({"rule": "quantile", "q": 0.9, "factor": 1.0}, {"rule": "static", "value": 200.0}), errors
+    )
+    got = rules.apply(*one_slot([89.0, 91.0, 201.0]))
+    np.testing.assert_array_equal(got.severity, [NONE, WARNING, CRITICAL])
+    np.testing.assert_allclose(got.threshold, [90.0, 90.0, 200.0])
+
+
+def test_critical_needs_the_warning_threshold_too() -> None:
+    # Rules of different kinds are not cross-checked by the config: here critical (the median
+    # of 0..100 = 50) is below warning (60). A score between them is not anomalous at all.
+    errors = ErrorStats.from_errors(np.arange(101, dtype=np.float32))
+    rules = SeverityRules(thresholds({"rule": "static", "value": 60.0}, {"rule": "quantile", "q": 0.5}), errors)
+    got = rules.apply(*one_slot([40.0, 55.0, 70.0]))
+    np.testing.assert_array_equal(got.severity, [NONE, NONE, CRITICAL])
+    np.testing.assert_allclose(got.threshold, [60.0, 60.0, 50.0])
+
+
+def test_severity_with_dynamic_warning_follows_each_entity() -> None:
+    rules = SeverityRules(
+        thresholds({"rule": "dynamic", "method": "rolling", "k": 1.0, "window": 3, "warmup": 2}), POPULATION
+    )
+    # Entity 0 runs at ~1.0, entity 1 at ~0.1: a 1.0 is normal for the first, anomalous for the second.
+    slots = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    scores = np.array([1.0, 0.1, 1.1, 0.12, 0.9, 0.11, 1.0, 1.0])
+    got = rules.apply(slots, scores)
+    np.testing.assert_array_equal(got.severity, [NONE] * 7 + [WARNING])
