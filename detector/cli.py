@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate a metric stream with faults, train, replay, and report")
     p.add_argument("--workdir", type=Path, default=Path("build/demo"))
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
     return parser
 
 
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from detector.demo import run_demo
 
-        return run_demo(args.workdir, args.seed)
+        return run_demo(args.workdir, args.seed, args.config)
     raise AssertionError(args.command)
 
 
