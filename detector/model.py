@@ -211,6 +211,14 @@ def load_checkpoint(path: Path, stream: Stream | None = None) -> Checkpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        with path.open("rb") as f:
+            head = f.read(4)
+        if "GLOBAL" not in str(exc) and not head.startswith((b"PK\x03\x04", b"\x80")):
+            # Neither a zip archive (torch.save) nor a pickle stream: junk, not a smuggled object.
+            raise CheckpointError(
+                f"checkpoint {path} is not a detector checkpoint: the file is unreadable or corrupt "
+                f"({_refusal_reason(exc)})"
+            ) from None
         raise CheckpointError(
             f"checkpoint {path} refused: it holds something other than tensors and plain data, "
             f"so it was not written by detector or was tampered with ({_refusal_reason(exc)})"

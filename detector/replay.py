@@ -146,9 +146,11 @@ def train_file(
     name, stream = config.stream(stream_name)
     summary = Summary()
     samples, _ = read_samples(name, stream, input_path(stream, data), summary)
-    ckpt = fit(name, stream, samples, progress=progress)
+    skipped: list[Rejection] = []
+    ckpt = fit(name, stream, samples, progress=progress, rejected=skipped)
     save_checkpoint(out, ckpt)
-    summary.train_rows = len(samples)
+    summary.reject(skipped)
+    summary.train_rows = len(samples) - len(skipped)
     summary.checkpoint_version = ckpt.version
     return ckpt, summary
 
@@ -199,8 +201,11 @@ def replay_file(
     late: list[Rejection] = []
     try:
         # Entities are independent, so all training rows first, then the rest, both in file
-        # order, gives the same result as interleaving them.
-        pipeline.process(samples.take(train_mask), mode="fill")
+        # order, gives the same result as interleaving them. The fill pass rejects the same
+        # out-of-order training rows that `fit` skipped, so they are reported from here.
+        filled = pipeline.process(samples.take(train_mask), mode="fill")
+        late.extend(filled.rejected)
+        summary.train_rows -= len(filled.rejected)
         scored = np.flatnonzero(~train_mask)
         for start in range(0, len(scored), batch_rows):
             rows = scored[start : start + batch_rows]
@@ -219,6 +224,7 @@ def replay_file(
     finally:
         for sink in sinks:
             sink.close()
+    late.sort(key=lambda r: r.position)
     summary.reject(late)
     summary.firing = sum(a.status == "firing" for a in all_alerts)
     summary.resolved = sum(a.status == "resolved" for a in all_alerts)

@@ -26,6 +26,7 @@ from detector.errors import InputError
 
 # Bounded set: these are also metric label values.
 REJECT_REASONS = (
+    "empty",
     "invalid_json",
     "not_an_object",
     "missing_field",
@@ -276,8 +277,11 @@ def read_file(
 ) -> Iterator[tuple[SampleBatch, list[Rejection]]]:
     """Decode a CSV or JSONL file (optionally gzipped) in batches of about `batch_rows` rows.
 
-    Positions are 1-based data rows (the CSV header is not a row). When the mapping has no
-    timestamp field, the row number stands in for the timestamp (in milliseconds).
+    Positions are 1-based rows. In JSONL a row is a file line. In CSV the header is row 0 and
+    rows count the records after it, so row N is file line N + 1 unless a quoted value spans
+    lines. Blank (whitespace-only) lines are rows too: each comes back as an `empty`
+    rejection, in both formats. When the mapping has no timestamp field, the row number
+    stands in for the timestamp (in milliseconds).
     """
     kind = detect_format(path, fmt)
     if not path.exists():
@@ -290,11 +294,17 @@ def read_file(
                 # utf-8-sig: a byte-order mark (Excel exports) must not become part of the first column name.
                 text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
                 tsv = path.name.lower().removesuffix(".gz").endswith(".tsv")
-                reader = csv.DictReader(text, delimiter="\t" if tsv else ",")
-                if not reader.fieldnames:
+                # csv.reader, not DictReader: DictReader skips blank lines, which would drop
+                # them silently and shift every later row number.
+                reader = csv.reader(text, delimiter="\t" if tsv else ",")
+                header = next((cells for cells in reader if not _blank(cells)), None)
+                if header is None:
                     raise InputError(f"{path}: empty CSV (no header row)")
-                for row_no, row in enumerate(reader, start=1):
-                    builder.add(decoder.decode(row, row_no, row_no), row_no)
+                for row_no, cells in enumerate(reader, start=1):
+                    if _blank(cells):
+                        builder.add(Rejection(row_no, "empty", "empty line"), row_no)
+                    else:
+                        builder.add(decoder.decode(dict(zip(header, cells, strict=False)), row_no, row_no), row_no)
                     if len(builder) >= batch_rows:
                         yield builder.build()
             else:
@@ -304,10 +314,15 @@ def read_file(
                     if line.strip():
                         builder.add(decoder.decode_bytes(line, row_no, row_no), row_no)
                     else:
-                        builder.add(Rejection(row_no, "invalid_json", "empty line"), row_no)
+                        builder.add(Rejection(row_no, "empty", "empty line"), row_no)
                     if len(builder) >= batch_rows:
                         yield builder.build()
     except (OSError, EOFError, csv.Error) as exc:
         raise InputError(f"{path}: cannot read: {exc}") from None
     if len(builder):
         yield builder.build()
+
+
+def _blank(cells: list[str]) -> bool:
+    """A CSV line with nothing but whitespace on it (csv.reader gives [] for an empty one)."""
+    return not cells or (len(cells) == 1 and not cells[0].strip())

@@ -22,14 +22,22 @@ from tqdm import tqdm
 from detector.config import Stream
 from detector.errors import InputError
 from detector.model import Checkpoint, ErrorStats, RecurrentAutoencoder, new_version, score_windows
-from detector.source import SampleBatch
+from detector.source import Rejection, SampleBatch
 from detector.window import Scaler, WindowStore
 
 log = logging.getLogger(__name__)
 
+# Fewer windows than this cannot fit even a tiny autoencoder meaningfully.
+MIN_TRAIN_WINDOWS = 4
 
-def training_windows(stream: Stream, samples: SampleBatch, scaler: Scaler) -> tuple[np.ndarray, np.ndarray]:
+
+def training_windows(
+    stream: Stream, samples: SampleBatch, scaler: Scaler, rejected: list[Rejection] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Normalized windows at the training stride, and the entity slot of each.
+
+    Samples older than their entity's newest (with `mapping.out_of_order: drop`) are skipped
+    exactly as the pipeline skips them, and appended to `rejected` as `out_of_order`.
 
     Shape:
         returns: windows (R, W, D) float32 in arrival order, slots (R,) int64
@@ -38,18 +46,31 @@ def training_windows(stream: Stream, samples: SampleBatch, scaler: Scaler) -> tu
     ready, late = store.append(samples, drop_out_of_order=stream.mapping.out_of_order == "drop")
     if len(late):
         log.warning("training data: %d out-of-order samples skipped", len(late))
+        if rejected is not None:
+            rejected.extend(
+                Rejection(int(samples.positions[i]), "out_of_order", "timestamp older than the entity's newest sample")
+                for i in late
+            )
     return ready.values, ready.slots
 
 
 def split_validation(slots: np.ndarray, fraction: float, gap: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices of training and validation windows: the latest `fraction` of each entity's
     windows validate, and `gap` windows before them are dropped so no validation window
-    overlaps a training window."""
-    train, val = [], []
+    overlaps a training window, when that leaves the entity `MIN_TRAIN_WINDOWS` training
+    windows (a short entity keeps them, overlapping). An entity with a single window only
+    validates.
+
+    Shape:
+        slots: (R,) int64; returns two sorted int64 index arrays into `slots`
+    """
+    train, val = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
     for slot in np.unique(slots):
         idx = np.flatnonzero(slots == slot)
         n_val = max(1, round(len(idx) * fraction))
-        if len(idx) - n_val - gap >= max(1, n_val):
+        # Keep the gap only when it still leaves MIN_TRAIN_WINDOWS; otherwise an entity with a
+        # few more windows would train on fewer (the gap eats them) and more data could fail.
+        if len(idx) - n_val - gap >= max(MIN_TRAIN_WINDOWS, n_val):
             train.append(idx[: len(idx) - n_val - gap])
         else:
             train.append(idx[: len(idx) - n_val])
@@ -57,22 +78,39 @@ def split_validation(slots: np.ndarray, fraction: float, gap: int) -> tuple[np.n
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def fit(stream_name: str, stream: Stream, samples: SampleBatch, progress: bool = True) -> Checkpoint:
-    """Train a model for `stream` on `samples` (raw, any entities) and return its checkpoint."""
+def fit(
+    stream_name: str,
+    stream: Stream,
+    samples: SampleBatch,
+    progress: bool = True,
+    rejected: list[Rejection] | None = None,
+) -> Checkpoint:
+    """Train a model for `stream` on `samples` (raw, any entities) and return its checkpoint.
+
+    Samples that training skips (out of order) are appended to `rejected`, so the caller can
+    report them. Raises InputError when the samples give fewer than `MIN_TRAIN_WINDOWS`
+    training windows once validation windows are held out.
+    """
     cfg = stream.training
+    skipped: list[Rejection] = []
     if len(samples) == 0:
         raise InputError("no usable training rows")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     scaler = Scaler.fit(samples.values, samples.entities, stream.normalization)
-    windows, slots = training_windows(stream, samples, scaler)
-    if len(windows) < 4:
-        raise InputError(
-            f"only {len(windows)} training windows; need at least 4 (each entity needs more than "
-            f"window.size={stream.window.size} rows)"
-        )
+    windows, slots = training_windows(stream, samples, scaler, skipped)
+    if rejected is not None:
+        rejected.extend(skipped)
     gap = math.ceil((stream.window.size - 1) / cfg.stride)
     train_idx, val_idx = split_validation(slots, cfg.validation_split, gap)
+    if len(train_idx) < MIN_TRAIN_WINDOWS:
+        raise InputError(
+            f"need at least {MIN_TRAIN_WINDOWS} training windows, got {len(train_idx)}: "
+            f"{len(windows)} windows of window.size={stream.window.size} rows (every training.stride={cfg.stride}) "
+            f"from {len(set(samples.entities))} entities, and the latest {cfg.validation_split:.0%} of each "
+            "entity's windows (at least one) are held out for validation; give each entity more rows, "
+            "or lower window.size or training.stride"
+        )
     if len(train_idx) > cfg.max_windows:
         train_idx = np.sort(rng.choice(train_idx, cfg.max_windows, replace=False))
     x_train = torch.from_numpy(windows[train_idx])
@@ -140,7 +178,7 @@ def fit(stream_name: str, stream: Stream, samples: SampleBatch, progress: bool =
         layout_hash=stream.layout_hash(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         training={
-            "rows": len(samples),
+            "rows": len(samples) - len(skipped),
             "entities": len(set(samples.entities)),
             "train_windows": len(train_idx),
             "validation_windows": len(val_idx),

@@ -216,8 +216,8 @@ def test_train_writes_a_checkpoint_for_the_config(trained: Path) -> None:
     assert ckpt.features == ("cpu", "mem")
     assert ckpt.window_size == 8
     assert ckpt.layout_hash == stream.layout_hash()
-    # Rejected rows are not trained on; the out-of-order one decodes fine (the window store drops it).
-    assert ckpt.training["rows"] == 2 * ROWS_PER_ENTITY + 1
+    # Rejected rows are not trained on, nor is the out-of-order one (it decodes, then training skips it).
+    assert ckpt.training["rows"] == 2 * ROWS_PER_ENTITY
     assert ckpt.training["entities"] == 2
     assert ckpt.training["epochs"] == 2
     assert math.isfinite(ckpt.training["best_validation_loss"])
@@ -230,6 +230,7 @@ def test_train_prints_a_summary(trained: Path, tmp_path: Path, capsys: pytest.Ca
     err = capsys.readouterr().err
     assert f"saved {out}: version web-" in err
     assert "rejected wrong_type: 1 (rows 601)" in err
+    assert "rejected out_of_order: 1 (rows 605)" in err
 
 
 def test_train_without_output_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

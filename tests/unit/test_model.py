@@ -293,6 +293,16 @@ def test_unreadable_file_is_refused(tmp_path: Path, content: bytes) -> None:
     refused(path)
 
 
+@pytest.mark.parametrize("content", [b"definitely not a torch file", b"}&\xd2\xbcZ\xa1\xb3\xae" * 64])
+def test_junk_file_is_called_corrupt_not_tampered(tmp_path: Path, content: bytes) -> None:
+    # Junk that the safe unpickler stops at its first byte is not a smuggled object.
+    path = tmp_path / "junk.pt"
+    path.write_bytes(content)
+    message = refused(path)
+    assert "is not a detector checkpoint: the file is unreadable or corrupt" in message
+    assert "tampered" not in message
+
+
 @pytest.mark.parametrize("keep", [0.1, 0.5, 0.9, 0.999])
 def test_truncated_file_is_refused(saved: Path, keep: float) -> None:
     data = saved.read_bytes()

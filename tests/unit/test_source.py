@@ -547,14 +547,42 @@ def test_read_csv_with_byte_order_mark_and_crlf(tmp_path: Path) -> None:
     check_csv_result(*read_all(path))
 
 
-def test_read_csv_blank_lines_are_not_rows(tmp_path: Path) -> None:
-    # csv skips blank lines: they are neither samples nor rejections, and do not count as rows.
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_read_csv_blank_lines_are_rejected_rows(tmp_path: Path, newline: str) -> None:
+    # Blank lines are never dropped silently: each is a row, rejected as `empty`, as in JSONL.
+    # Rows count file lines after the header, so row N is line N + 1.
     path = tmp_path / "blank.csv"
-    path.write_text("ts,host,cpu,mem\n\n1,a,1,1\n\n\n2,a,2,2\n\n")
+    path.write_bytes("ts,host,cpu,mem\n\n1,a,1,1\n  \n\n2,a,2,2\n\t\n".replace("\n", newline).encode())
     samples, rejections = read_all(path)
-    assert samples.positions.tolist() == [1, 2]
+    assert samples.positions.tolist() == [2, 5]
     assert samples.timestamps.tolist() == [1000, 2000]
-    assert rejections == []
+    assert [(r.position, r.reason, r.detail) for r in rejections] == [
+        (1, "empty", "empty line"),
+        (3, "empty", "empty line"),
+        (4, "empty", "empty line"),
+        (6, "empty", "empty line"),
+    ]
+
+
+def test_read_csv_blank_lines_before_the_header(tmp_path: Path) -> None:
+    # The header is the first non-blank line; rows count from the line after it.
+    path = tmp_path / "lead.csv"
+    path.write_text("\n\nts,host,cpu,mem\n1,a,1,1\n\n2,a,2,2\n")
+    samples, rejections = read_all(path)
+    assert samples.positions.tolist() == [1, 3]
+    assert [(r.position, r.reason) for r in rejections] == [(2, "empty")]
+
+
+def test_blank_lines_are_rejected_alike_in_csv_and_jsonl(tmp_path: Path) -> None:
+    records = [{"ts": 1, "host": "a", "cpu": 1, "mem": 1}, None, {"ts": 2, "host": "a", "cpu": 2, "mem": 2}]
+    (tmp_path / "d.csv").write_text(
+        "ts,host,cpu,mem\n" + "\n".join("" if r is None else ",".join(map(str, r.values())) for r in records) + "\n"
+    )
+    (tmp_path / "d.jsonl").write_text("\n".join("" if r is None else json.dumps(r) for r in records) + "\n")
+    csv_samples, csv_rejections = read_all(tmp_path / "d.csv")
+    jsonl_samples, jsonl_rejections = read_all(tmp_path / "d.jsonl")
+    assert csv_samples.positions.tolist() == jsonl_samples.positions.tolist() == [1, 3]
+    assert csv_rejections == jsonl_rejections == [Rejection(2, "empty", "empty line")]
 
 
 def test_read_csv_with_a_quoted_multiline_field(tmp_path: Path) -> None:
@@ -595,10 +623,10 @@ def check_jsonl_result(samples: SampleBatch, rejections: list[Rejection]) -> Non
     assert samples.timestamps.tolist() == [T0, T0, T0 + 9]
     assert samples.values.tolist() == [[1.0, 10.0], [2.0, 11.0], [3.0, 12.0]]
     assert [(r.position, r.reason) for r in rejections] == [
-        (2, "invalid_json"),
+        (2, "empty"),
         (3, "invalid_json"),
         (5, "not_an_object"),
-        (6, "invalid_json"),
+        (6, "empty"),
         (7, "non_finite"),
     ]
     assert rejections[0].detail == "empty line"
