@@ -16,6 +16,8 @@ import numpy as np
 from detector.config import Normalization
 from detector.source import SampleBatch
 
+NORMALIZED_LIMIT = 1e4
+
 
 @dataclass(frozen=True)
 class Scaler:
@@ -265,6 +267,9 @@ class WindowStore:
         )
         rows = order[due]
         values = (values - self._center[slot][:, None, :]) / self._scale[slot][:, None, :]
+        # A finite but absurd reading (1e20 from a broken exporter) would overflow the squared
+        # error to inf; ten thousand scales out is already as anomalous as a score can say.
+        values = np.clip(values, -NORMALIZED_LIMIT, NORMALIZED_LIMIT)
         # Back to batch order so results line up with the records that produced them.
         back = np.argsort(rows, kind="stable")
         return ReadyWindows(

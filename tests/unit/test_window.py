@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detector.source import SampleBatch
-from detector.window import Scaler, WindowStore
+from detector.window import NORMALIZED_LIMIT, Scaler, WindowStore
 
 IDENTITY = Scaler(np.zeros(2, np.float32), np.ones(2, np.float32))
 
@@ -104,3 +104,14 @@ def test_scaler_survives_constant_series(method: str) -> None:
 
     scaler = Scaler.fit(np.full((50, 2), 3.0, np.float32), ["a"] * 50, Normalization(method=method))
     assert np.all(np.isfinite(scaler.scale)) and np.all(scaler.scale > 0)
+
+
+def test_absurd_readings_are_clipped_so_scores_stay_finite() -> None:
+    # float32 holds 1e20, but its square does not: the window must stay finite so the score does.
+    store = WindowStore(2, 1, 2, IDENTITY)
+    values = np.array([[0.0, 0.0], [1e20, 1.0], [-3e38, 2.0]], np.float32)
+    ready, _ = store.append(make_batch(["a", "a", "a"], [1, 2, 3], values))
+    assert np.isfinite(ready.values).all()
+    assert ready.values[:, :, 0].tolist() == [[0.0, NORMALIZED_LIMIT], [NORMALIZED_LIMIT, -NORMALIZED_LIMIT]]
+    assert ready.values[:, :, 1].tolist() == [[0.0, 1.0], [1.0, 2.0]]
+    assert np.isfinite((ready.values.astype(np.float32) ** 2).mean())
