@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from detector.config import AlertPolicy as PolicyConfig
 from detector.source import format_timestamp
-from detector.threshold import NONE, SEVERITY_NAMES
+from detector.threshold import CRITICAL, NONE, SEVERITY_NAMES, WARNING
 
 log = logging.getLogger("detector.alerts")
 
@@ -79,7 +79,7 @@ class _EntityState:
     active_id: str | None = None
     active_severity: int = NONE
     quiet_until_ms: int = -(2**62)
-    recent: list[int] = field(default_factory=list)  # severities of the last m windows
+    critical_history: int = 0  # like `history`, for critical windows only
 
 
 class AlertPolicy:
@@ -135,16 +135,14 @@ class AlertPolicy:
                 state = self._state[slot] = _EntityState()
             sev = int(severity[i])
             anomalous = sev != NONE
+            # Bitmasks, not lists: O(1) per window however long `m` is (Python ints are unbounded).
             state.history = ((state.history << 1) | anomalous) & self._mask
-            recent = state.recent
-            recent.append(sev)
-            if len(recent) > cfg.m:
-                del recent[0]
+            state.critical_history = ((state.critical_history << 1) | (sev == CRITICAL)) & self._mask
             state.normal_streak = 0 if anomalous else state.normal_streak + 1
             end = int(end_ms[i])
             if state.active_id is None:
                 if anomalous and state.history.bit_count() >= cfg.n and end >= state.quiet_until_ms:
-                    worst = max(recent)
+                    worst = CRITICAL if state.critical_history else WARNING
                     events.append(self._alert(i, entities[i], worst, scores, thresholds, per_feature, start_ms, end_ms))
                     state.active_id, state.active_severity = events[-1].id, worst
             elif anomalous and sev > state.active_severity:

@@ -82,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-rows", type=int, default=1024, help="rows per micro-batch (results do not depend on it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("report", help="draw series, score, threshold and alerts per entity (PNG or HTML)")
+    p.add_argument("--scores", required=True, type=Path, help="scores CSV written by `detector replay`")
+    p.add_argument("--out", required=True, type=Path, help="report.png (one figure) or report.html (self-contained)")
+    p.add_argument("--alerts", type=Path, help="alert events (JSON lines) from the same replay")
+    p.add_argument("--input", type=Path, help="the replayed data, to plot feature values (needs --config)")
+    p.add_argument("--config", type=Path, help="config whose stream mapping decodes --input")
+    p.add_argument("--stream", help="stream name (needed when the config has several)")
+    p.add_argument("--entities", help="comma-separated entities to show (default: all, most alerts first)")
+    p.add_argument("--max-entities", type=int, default=12, help="show at most this many entities")
+
+    p = sub.add_parser("run", help="the daemon: consume Kafka, score, alert, serve /metrics (SIGHUP reloads)")
+    p.add_argument("--config", required=True, type=Path)
+
     p = sub.add_parser("demo", help="generate a metric stream with faults, train, replay, and report")
     p.add_argument("--workdir", type=Path, default=Path("build/demo"))
     p.add_argument("--seed", type=int, default=7)
@@ -149,11 +162,44 @@ def run(args: argparse.Namespace) -> int:
         print_summary(summary)
         return EXIT_OK
 
+    if args.command == "report":
+        return run_report(args)
+
+    if args.command == "run":
+        from detector.service import run_daemon
+
+        return run_daemon(load_config(args.config), args.config)
+
     if args.command == "demo":
         from detector.demo import run_demo
 
         return run_demo(args.workdir, args.seed, args.config)
     raise AssertionError(args.command)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from detector.report import require_matplotlib, write_report
+
+    require_matplotlib()  # before decoding a large input for nothing
+    samples = None
+    if args.config is not None:
+        from detector.replay import input_path, read_samples
+
+        name, stream = load_config(args.config).stream(args.stream)
+        batch, _ = read_samples(name, stream, input_path(stream, args.input))
+        samples = (batch, [f.name for f in stream.mapping.features])
+    elif args.input is not None:
+        print("detector: --input needs --config (its stream mapping decodes the file)", file=sys.stderr)
+        return EXIT_USAGE
+    entities = [e.strip() for e in args.entities.split(",") if e.strip()] if args.entities else None
+    summary = write_report(args.scores, args.out, args.alerts, samples, entities, args.max_entities)
+    left = f", {len(summary.left_out)} left out" if summary.left_out else ""
+    print(
+        f"wrote {args.out}: {len(summary.shown)} entities{left}; "
+        f"{summary.firing} firing, {summary.resolved} resolved alert(s)",
+        file=sys.stderr,
+    )
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -16,12 +16,22 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from detector.errors import ConfigError
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+# Longest alert history (`alerts.m`) an entity keeps: a day of 20-second samples.
+MAX_ALERT_WINDOWS = 4096
 
 
 class _Model(BaseModel):
@@ -192,22 +202,46 @@ class Thresholds(_Model):
     warning: Rule = Field(default_factory=lambda: QuantileRule(rule="quantile", q=0.995))
     critical: Rule | None = None
 
-    @model_validator(mode="after")
-    def _critical_above_warning(self) -> Thresholds:
-        w, c = self.warning, self.critical
-        if isinstance(w, StaticRule) and isinstance(c, StaticRule) and c.value < w.value:
-            raise ValueError("critical.value must be >= warning.value")
-        if isinstance(w, QuantileRule) and isinstance(c, QuantileRule) and c.q * c.factor < w.q * w.factor:
-            raise ValueError("critical quantile must not be below the warning quantile")
-        return self
+    @field_validator("critical")
+    @classmethod
+    def _critical_above_warning(cls, c: Rule | None, info: ValidationInfo) -> Rule | None:
+        """Reject only a critical rule that can never be above the warning rule.
+
+        That is provable only for two rules of the same kind with comparable parameters; a
+        mixed pair (say, a quantile warning and a static critical) is allowed: which one is
+        higher depends on the trained model's errors.
+        """
+        w = info.data.get("warning")  # absent when the warning rule itself is invalid
+        if isinstance(w, StaticRule) and isinstance(c, StaticRule) and c.value <= w.value:
+            raise ValueError(f"critical value {c.value:g} must be above the warning value {w.value:g}")
+        if isinstance(w, QuantileRule) and isinstance(c, QuantileRule) and c.q <= w.q and c.factor <= w.factor:
+            # Quantiles grow with q, and errors are >= 0, so a lower or equal q and factor is never higher.
+            raise ValueError(
+                f"critical (q {c.q:g}, factor {c.factor:g}) is never above warning (q {w.q:g}, factor "
+                f"{w.factor:g}); raise the critical q or factor"
+            )
+        if isinstance(w, DynamicRule) and isinstance(c, DynamicRule) and _same_statistics(w, c) and c.k <= w.k:
+            raise ValueError(f"critical k {c.k:g} must be above the warning k {w.k:g} (same {c.method} statistics)")
+        return c
+
+
+def _same_statistics(a: DynamicRule, b: DynamicRule) -> bool:
+    """Whether two dynamic rules track the same mean and std (then only `k` differs)."""
+    smoothing = a.alpha == b.alpha if a.method == "ewma" else a.window == b.window
+    return a.method == b.method and smoothing and a.warmup == b.warmup
 
 
 class AlertPolicy(_Model):
     """Fire after `n` anomalous windows among the last `m`; resolve after `resolve_after`
-    normal windows in a row; after a resolve, stay quiet for `cooldown_s` of event time."""
+    normal windows in a row; after a resolve, stay quiet for `cooldown_s` of event time.
 
-    n: int = Field(3, ge=1, le=64)
-    m: int = Field(5, ge=1, le=64)
+    A short `m` reacts within a few windows; a long one (hundreds of windows) fires on a
+    sustained rise in the rate of anomalous windows, which catches long, moderate
+    anomalies with far fewer false alarms, at the cost of at least `n` windows of delay.
+    """
+
+    n: int = Field(3, ge=1, le=MAX_ALERT_WINDOWS)
+    m: int = Field(5, ge=1, le=MAX_ALERT_WINDOWS)
     cooldown_s: float = Field(300.0, ge=0)
     resolve_after: int | None = Field(None, ge=1)
     top_features: int = Field(3, ge=1)
@@ -261,11 +295,140 @@ class Scoring(_Model):
     threads: int | None = Field(None, ge=1, le=256)
     # Windows per forward pass; bigger batches are faster per window up to a point.
     batch_windows: int = Field(1024, ge=1)
+    # `detector run` micro-batches: a batch closes at `batch_records` records (each record
+    # completes at most one window, so this also bounds the windows) or `batch_wait_ms` after
+    # its first record, whichever comes first. Offsets are committed once per batch.
+    batch_records: int = Field(1000, ge=1, le=1_000_000)
+    batch_wait_ms: int = Field(200, ge=1, le=600_000)
+
+
+# --- the daemon (`detector run`) ---------------------------------------------------------
+
+
+class Kafka(_Model):
+    """Kafka client settings for `detector run` (one consumer group, one producer).
+
+    Secrets (`sasl_plain_password`, `ssl_password`) belong in `${ENV}`. Settings not listed
+    here pass through `consumer_options` / `producer_options` to kafka-python unchanged.
+    """
+
+    bootstrap_servers: list[str] = Field(default_factory=lambda: ["localhost:9092"], min_length=1)
+    group_id: str = Field("detector", min_length=1)
+    client_id: str = Field("detector", min_length=1)
+    # Where a group with no committed offset starts.
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_password: str | None = None
+    fetch_min_bytes: int = Field(1, ge=1)
+    fetch_max_bytes: int = Field(52_428_800, ge=1)
+    max_partition_fetch_bytes: int = Field(1_048_576, ge=1)
+    # How long the broker may hold a fetch waiting for fetch_min_bytes: bounds idle latency.
+    fetch_max_wait_ms: int = Field(100, ge=0)
+    max_poll_records: int = Field(500, ge=1)
+    session_timeout_ms: int = Field(45_000, ge=1000)
+    heartbeat_interval_ms: int = Field(3_000, ge=100)
+    request_timeout_ms: int = Field(30_000, ge=1000)
+    consumer_options: dict[str, Any] = Field(default_factory=dict)
+    producer_options: dict[str, Any] = Field(default_factory=dict)
+    # Undecodable records go here unchanged, with headers naming the reason and the source.
+    dead_letter_topic: str | None = Field(None, min_length=1)
+    # On partition assignment, re-read up to this many records before the committed offset to
+    # refill the windows (scored, never alerted). Enough for every entity of the partition to
+    # see window.size + alerts.m * window.stride samples avoids any blind spot after a restart.
+    refill_records: int = Field(10_000, ge=0)
+
+    @field_validator("bootstrap_servers", mode="before")
+    @classmethod
+    def _servers_as_list(cls, value: Any) -> Any:
+        return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _heartbeat_below_session(self) -> Kafka:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
+        return self
+
+
+class Retry(_Model):
+    """Delivery retries of a webhook: exponential backoff from `initial_backoff_s`, doubling up to
+    `max_backoff_s`, `max_attempts` tries in all, each with a `timeout_s` request timeout."""
+
+    initial_backoff_s: float = Field(0.5, gt=0)
+    max_backoff_s: float = Field(30.0, gt=0)
+    max_attempts: int = Field(8, ge=1)
+    timeout_s: float = Field(5.0, gt=0)
+
+
+class WebhookSinkConfig(_Model):
+    """POST each batch of alerts as a JSON array of alert objects to `url`."""
+
+    url: str = Field(pattern=r"^https?://")
+    headers: dict[str, str] = Field(default_factory=dict)
+    # Alerts waiting for delivery; when full, new alerts are dropped (counted and logged).
+    queue_size: int = Field(1000, ge=1)
+    retry: Retry = Field(default_factory=Retry)
+
+
+class AlertmanagerSinkConfig(_Model):
+    """Alertmanager API v2: POST `url`/api/v2/alerts; active alerts are re-sent every
+    `resend_interval_s`, and a resolve is sent with `endsAt`."""
+
+    url: str = Field(pattern=r"^https?://")
+    headers: dict[str, str] = Field(default_factory=dict)
+    alertname: str = Field("AnomalyDetected", min_length=1)
+    # Extra labels on every alert (team, environment, ...).
+    labels: dict[str, str] = Field(default_factory=dict)
+    resend_interval_s: float = Field(60.0, gt=0)
+    generator_url: str | None = None
+    queue_size: int = Field(1000, ge=1)
+    retry: Retry = Field(default_factory=Retry)
+
+
+class KafkaSinkConfig(_Model):
+    """Alerts as JSON messages on a Kafka topic, keyed by entity."""
+
+    topic: str = Field(min_length=1)
+
+
+class Sinks(_Model):
+    """Where `detector run` sends alerts. Every sink gets every alert event."""
+
+    log: bool = True
+    kafka: KafkaSinkConfig | None = None
+    alertmanager: list[AlertmanagerSinkConfig] = Field(default_factory=list)
+    webhooks: list[WebhookSinkConfig] = Field(default_factory=list)
+    # Every scored record as a JSON line (audits, debugging, the equivalence tests).
+    scores_file: Path | None = None
+
+
+class Server(_Model):
+    """The HTTP endpoints of `detector run`: /metrics, /-/healthy, /-/ready, POST /-/reload."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(9108, ge=0, le=65535)
+
+
+class Service(_Model):
+    """Lifecycle of `detector run`."""
+
+    # SIGTERM/SIGINT: finish the batch, commit, flush sinks and exit within this many seconds.
+    grace_period_s: float = Field(30.0, gt=0)
 
 
 class Config(_Model):
     streams: dict[Annotated[str, Field(pattern=_NAME_PATTERN)], Stream] = Field(min_length=1)
     scoring: Scoring = Field(default_factory=Scoring)
+    kafka: Kafka = Field(default_factory=Kafka)
+    sinks: Sinks = Field(default_factory=Sinks)
+    server: Server = Field(default_factory=Server)
+    service: Service = Field(default_factory=Service)
 
     def stream(self, name: str | None) -> tuple[str, Stream]:
         """The named stream, or the only one when `name` is None."""
@@ -385,7 +548,17 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         if isinstance(stream.input, FileInput) and not stream.input.path.is_absolute():
             update["input"] = stream.input.model_copy(update={"path": base / stream.input.path})
         streams[name] = stream.model_copy(update=update)
-    return config.model_copy(update={"streams": streams})
+    kafka_files = {
+        key: base / value
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+        if isinstance(value := getattr(config.kafka, key), Path) and not value.is_absolute()
+    }
+    sinks = config.sinks
+    if sinks.scores_file is not None and not sinks.scores_file.is_absolute():
+        sinks = sinks.model_copy(update={"scores_file": base / sinks.scores_file})
+    return config.model_copy(
+        update={"streams": streams, "kafka": config.kafka.model_copy(update=kafka_files), "sinks": sinks}
+    )
 
 
 def masked_dump(config: Config, secret_paths: set[str]) -> str:

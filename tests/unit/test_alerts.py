@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from detector.alerts import Alert, AlertPolicy, JsonLinesSink, LogSink, alert_id
 from detector.config import AlertPolicy as PolicyConfig
@@ -76,6 +78,40 @@ def test_fires_exactly_when_n_of_last_m_are_anomalous(n: int, m: int, pattern: l
         return
     assert [(e.status, window_of(e, end_ms)) for e in events] == [("firing", fires_at)]
     assert ids == [None] * fires_at + [events[0].id] * (len(pattern) - fires_at)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(),
+    m=st.sampled_from([1, 7, 63, 64, 65, 200, 700]),
+    rate=st.floats(0.05, 0.95),
+)
+def test_first_firing_matches_a_plain_sliding_count_for_long_m(data: st.DataObject, m: int, rate: float) -> None:
+    """The bitmask history agrees with counting the last m windows in a list, also past 64 bits."""
+    n = data.draw(st.integers(1, m))
+    length = data.draw(st.integers(1, 3 * m + 5))
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    pattern = np.where(rng.random(length) < rate, rng.choice([WARNING, CRITICAL], length, p=[0.8, 0.2]), NONE)
+    events, _, end_ms = Driver(n=n, m=m, cooldown_s=0).feed(pattern.tolist())
+    expected = next(
+        (i for i in range(length) if pattern[i] != NONE and np.count_nonzero(pattern[max(0, i - m + 1) : i + 1]) >= n),
+        None,
+    )
+    if expected is None:
+        assert events == []
+        return
+    first = events[0]
+    assert (first.status, window_of(first, end_ms)) == ("firing", expected)
+    worst = int(pattern[max(0, expected - m + 1) : expected + 1].max())
+    assert first.severity == ("critical" if worst == CRITICAL else "warning")
+
+
+def test_long_m_forgets_a_window_exactly_m_windows_later() -> None:
+    # n = m = 300: one normal window among 300 blocks firing until it has left the last 300.
+    pattern = [1] * 150 + [0] + [1] * 450
+    events, _, end_ms = Driver(n=300, m=300, cooldown_s=0).feed(pattern)
+    assert [(e.status, window_of(e, end_ms)) for e in events] == [("firing", 450)]
 
 
 def test_result_does_not_depend_on_how_windows_are_split_into_calls() -> None:

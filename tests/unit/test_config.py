@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detector.config import (
+    MAX_ALERT_WINDOWS,
     Config,
     DynamicRule,
     FileInput,
@@ -320,33 +321,90 @@ def test_n_greater_than_m() -> None:
 @pytest.mark.parametrize(
     ("warning", "critical", "message"),
     [
-        ({"rule": "static", "value": 5}, {"rule": "static", "value": 1}, "critical.value must be >= warning.value"),
+        (
+            {"rule": "static", "value": 5},
+            {"rule": "static", "value": 1},
+            "critical value 1 must be above the warning value 5",
+        ),
+        (
+            {"rule": "static", "value": 2},
+            {"rule": "static", "value": 2},
+            "critical value 2 must be above the warning value 2",
+        ),
         (
             {"rule": "quantile", "q": 0.99},
             {"rule": "quantile", "q": 0.9},
-            "critical quantile must not be below the warning quantile",
+            "critical (q 0.9, factor 1) is never above warning (q 0.99, factor 1)",
         ),
         (
             {"rule": "quantile", "q": 0.99, "factor": 2},
             {"rule": "quantile", "q": 0.99, "factor": 1.5},
-            "critical quantile must not be below the warning quantile",
+            "critical (q 0.99, factor 1.5) is never above warning (q 0.99, factor 2)",
+        ),
+        (
+            {"rule": "quantile", "q": 0.99, "factor": 2},
+            {"rule": "quantile", "q": 0.99, "factor": 2},
+            "is never above warning",
+        ),
+        (
+            {"rule": "dynamic", "k": 4},
+            {"rule": "dynamic", "k": 3},
+            "critical k 3 must be above the warning k 4 (same ewma statistics)",
+        ),
+        (
+            {"rule": "dynamic", "method": "rolling", "window": 50, "k": 3},
+            {"rule": "dynamic", "method": "rolling", "window": 50, "k": 3},
+            "critical k 3 must be above the warning k 3 (same rolling statistics)",
         ),
     ],
 )
-def test_critical_below_warning(warning: Any, critical: Any, message: str) -> None:
+def test_critical_never_above_warning_is_refused(warning: Any, critical: Any, message: str) -> None:
     data = base()
     data["streams"]["web"]["thresholds"] = {"warning": warning, "critical": critical}
     problem = only_problem(data)
-    assert problem.startswith("streams.web.thresholds: ")
+    assert problem.startswith("streams.web.thresholds.critical: "), problem
     assert message in problem
 
 
-def test_critical_equal_to_warning_is_allowed() -> None:
+@pytest.mark.parametrize(
+    ("warning", "critical"),
+    [
+        # q * factor would call these "below"; they are not: a higher factor on a lower quantile.
+        ({"rule": "quantile", "q": 0.999}, {"rule": "quantile", "q": 0.99, "factor": 1.005}),
+        ({"rule": "quantile", "q": 0.99, "factor": 2}, {"rule": "quantile", "q": 0.999, "factor": 1.5}),
+        ({"rule": "quantile", "q": 0.99}, {"rule": "quantile", "q": 0.999}),
+        ({"rule": "static", "value": 1}, {"rule": "static", "value": 1.5}),
+        ({"rule": "dynamic", "k": 3}, {"rule": "dynamic", "k": 5}),
+        # Different statistics: k alone does not order them.
+        ({"rule": "dynamic", "k": 4}, {"rule": "dynamic", "k": 3, "alpha": 0.1}),
+        ({"rule": "dynamic", "k": 4}, {"rule": "dynamic", "k": 3, "warmup": 10}),
+        ({"rule": "dynamic", "k": 4, "method": "rolling"}, {"rule": "dynamic", "k": 3}),
+        # Mixed kinds are allowed: which is higher depends on the trained model's errors.
+        ({"rule": "quantile", "q": 0.99}, {"rule": "static", "value": 0.001}),
+        ({"rule": "static", "value": 5}, {"rule": "quantile", "q": 0.5}),
+        ({"rule": "dynamic", "k": 4}, {"rule": "static", "value": 0.1}),
+    ],
+)
+def test_critical_that_may_be_above_warning_is_allowed(warning: Any, critical: Any) -> None:
     data = base()
-    rule = {"rule": "static", "value": 2}
-    data["streams"]["web"]["thresholds"] = {"warning": rule, "critical": rule}
+    data["streams"]["web"]["thresholds"] = {"warning": warning, "critical": critical}
     config, _ = parse_config(yaml.safe_dump(data))
-    assert config.streams["web"].thresholds.critical == config.streams["web"].thresholds.warning
+    assert config.streams["web"].thresholds.critical is not None
+
+
+def test_critical_is_checked_against_the_default_warning() -> None:
+    data = base()
+    data["streams"]["web"]["thresholds"] = {"critical": {"rule": "quantile", "q": 0.99}}
+    assert "warning (q 0.995, factor 1)" in only_problem(data)
+
+
+def test_invalid_warning_gives_no_second_problem_about_critical() -> None:
+    data = base()
+    data["streams"]["web"]["thresholds"] = {
+        "warning": {"rule": "quantile", "q": 2},
+        "critical": {"rule": "quantile", "q": 0.5},
+    }
+    assert only_problem(data).startswith("streams.web.thresholds.warning.q: ")
 
 
 def test_duplicate_feature_names() -> None:
@@ -631,8 +689,8 @@ def test_stream_lookup(tmp_path: Path) -> None:
 @settings(max_examples=60, deadline=None)
 @given(
     size=st.integers(-5, 5000),
-    n=st.integers(-2, 70),
-    m=st.integers(-2, 70),
+    n=st.one_of(st.integers(-2, 70), st.integers(MAX_ALERT_WINDOWS - 5, MAX_ALERT_WINDOWS + 5)),
+    m=st.one_of(st.integers(-2, 70), st.integers(MAX_ALERT_WINDOWS - 5, MAX_ALERT_WINDOWS + 5)),
     q=st.floats(-1, 2, allow_nan=False),
 )
 def test_problems_match_the_invalid_fields(size: int, n: int, m: int, q: float) -> None:
@@ -645,7 +703,7 @@ def test_problems_match_the_invalid_fields(size: int, n: int, m: int, q: float) 
     expected = set()
     if not 2 <= size <= 4096:
         expected.add("streams.web.window.size")
-    n_ok, m_ok = 1 <= n <= 64, 1 <= m <= 64
+    n_ok, m_ok = 1 <= n <= MAX_ALERT_WINDOWS, 1 <= m <= MAX_ALERT_WINDOWS
     if not n_ok:
         expected.add("streams.web.alerts.n")
     if not m_ok:

@@ -1,0 +1,586 @@
+"""`detector run`: the daemon loop around the pipeline.
+
+One kafka-python consumer in a consumer group (`enable_auto_commit=False`) reads the topics
+of every Kafka stream. The loop:
+
+1. polls records into a micro-batch, which closes at `scoring.batch_records` records or
+   `scoring.batch_wait_ms` after its first record;
+2. decodes each record with its stream's mapping; a record that cannot be used goes to the
+   dead-letter topic unchanged, with its reason (`detector_messages_dropped_total{reason}`);
+3. pushes the samples through the same `Pipeline` as `detector replay`;
+4. hands the batch's alerts to every sink, waits for the dead letters to be acknowledged,
+   and only then commits the batch's offsets (at least once).
+
+Partition assignment: on every (re)assignment the windows start empty, and each assigned
+partition is re-read from up to `kafka.refill_records` records before its committed offset.
+Those records are scored (windows, thresholds and alert state are rebuilt) but raise no
+alerts and are not dead-lettered again; scoring with alerts resumes at the committed offset.
+A restart or a rebalance therefore leaves no blind spot and re-sends nothing that was
+committed.
+
+Signals: SIGTERM/SIGINT finish the current batch, commit, flush the sinks and exit 0 within
+`service.grace_period_s`. SIGHUP (or `POST /-/reload`) reloads thresholds and alert policy
+from the config file, keeping the windows; an invalid file is rejected and the old config
+kept. The consumer is not thread safe: only the main thread touches it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import numpy as np
+from kafka import ConsumerRebalanceListener
+from prometheus_client import CollectorRegistry
+
+from detector.alerts import Alert, LogSink, Sink
+from detector.config import Config, KafkaInput, Stream, load_config
+from detector.errors import ConfigError, DetectorError
+from detector.metrics import HealthServer, Metrics
+from detector.model import Checkpoint, load_checkpoint
+from detector.pipeline import BatchResult, Pipeline
+from detector.sinks import AlertmanagerSink, DeadLetterWriter, KafkaAlertSink, WebhookSink
+from detector.source import BatchBuilder, RecordDecoder, Rejection, format_timestamp
+from detector.threshold import SEVERITY_NAMES
+
+log = logging.getLogger(__name__)
+
+# How often consumer lag is refreshed, in seconds.
+_LAG_INTERVAL_S = 1.0
+
+
+def kafka_client_settings(config: Config) -> dict[str, Any]:
+    """Settings shared by the consumer and the producer (connection and security)."""
+    k = config.kafka
+    settings: dict[str, Any] = {
+        "bootstrap_servers": k.bootstrap_servers,
+        "client_id": k.client_id,
+        "security_protocol": k.security_protocol,
+        "request_timeout_ms": k.request_timeout_ms,
+    }
+    optional = {
+        "sasl_mechanism": k.sasl_mechanism,
+        "sasl_plain_username": k.sasl_plain_username,
+        "sasl_plain_password": k.sasl_plain_password,
+        "ssl_cafile": k.ssl_cafile,
+        "ssl_certfile": k.ssl_certfile,
+        "ssl_keyfile": k.ssl_keyfile,
+        "ssl_password": k.ssl_password,
+    }
+    settings.update({key: str(v) if isinstance(v, Path) else v for key, v in optional.items() if v is not None})
+    return settings
+
+
+def consumer_settings(config: Config) -> dict[str, Any]:
+    k = config.kafka
+    return {
+        **kafka_client_settings(config),
+        "group_id": k.group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": k.auto_offset_reset,
+        "fetch_min_bytes": k.fetch_min_bytes,
+        "fetch_max_bytes": k.fetch_max_bytes,
+        "fetch_max_wait_ms": k.fetch_max_wait_ms,
+        "max_partition_fetch_bytes": k.max_partition_fetch_bytes,
+        "max_poll_records": k.max_poll_records,
+        "session_timeout_ms": k.session_timeout_ms,
+        "heartbeat_interval_ms": k.heartbeat_interval_ms,
+        **k.consumer_options,
+    }
+
+
+def producer_settings(config: Config) -> dict[str, Any]:
+    return {**kafka_client_settings(config), "acks": "all", "linger_ms": 5, **config.kafka.producer_options}
+
+
+@dataclass
+class StreamRuntime:
+    """One Kafka stream while the daemon runs."""
+
+    name: str
+    stream: Stream
+    checkpoint: Checkpoint
+    decoder: RecordDecoder
+    pipeline: Pipeline
+
+
+def kafka_streams(config: Config) -> dict[str, Stream]:
+    """The streams that read from Kafka; raises ConfigError when there are none."""
+    streams = {name: s for name, s in config.streams.items() if isinstance(s.input, KafkaInput)}
+    if not streams:
+        raise ConfigError("streams", ["no stream reads from Kafka (input.kind: kafka); nothing to run"])
+    missing = [
+        f"streams.{name}.checkpoint: required by `detector run`" for name, s in streams.items() if not s.checkpoint
+    ]
+    if missing:
+        raise ConfigError("streams", missing)
+    return streams
+
+
+class Daemon:
+    """The consume → score → alert → commit loop. Run it from the main thread (signals)."""
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.runtimes: dict[str, StreamRuntime] = {}
+        for name, stream in kafka_streams(config).items():
+            assert stream.checkpoint is not None
+            ckpt = load_checkpoint(stream.checkpoint, stream)
+            self.runtimes[name] = StreamRuntime(
+                name,
+                stream,
+                ckpt,
+                RecordDecoder(stream.mapping, default_entity=name),
+                Pipeline(name, stream, ckpt, config.scoring),
+            )
+            self.metrics.model_info.labels(name, ckpt.version).set(1)
+            log.info("stream %s: topic %s, model %s", name, stream.input.topic, ckpt.version)  # type: ignore[union-attr]
+        self.topic_streams: dict[str, list[str]] = defaultdict(list)
+        for name, rt in self.runtimes.items():
+            self.topic_streams[rt.stream.input.topic].append(name)  # type: ignore[union-attr]
+
+        self.consumer: Any = None
+        self.producer: Any = None
+        self.sinks: list[Sink] = []
+        self.dead_letters: DeadLetterWriter | None = None
+        self.scores_file: IO[str] | None = None
+        self.server: HealthServer | None = None
+
+        self._stop = threading.Event()
+        self._reload_requests: list[tuple[threading.Event, list[tuple[bool, str]]] | None] = []
+        self._reload_lock = threading.Lock()
+        self._revoked = False
+        self._assigned: set[Any] | None = None
+        self._live_from: dict[Any, int] = {}
+        self._ready = False
+        self._last_loop = time.monotonic()
+        self._last_lag = 0.0
+
+    # --- setup ----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Start the HTTP server, the producer and sinks, and join the consumer group."""
+        from kafka import KafkaConsumer, KafkaProducer
+
+        cfg = self.config
+        if cfg.server.enabled:
+            self.server = HealthServer(
+                self.registry, cfg.server.host, cfg.server.port, self.is_healthy, self.is_ready, self.request_reload
+            ).start()
+            log.info("metrics on http://%s:%d/metrics", cfg.server.host, self.server.port)
+        if cfg.sinks.kafka is not None or cfg.kafka.dead_letter_topic is not None:
+            self.producer = KafkaProducer(**producer_settings(cfg))
+        if cfg.kafka.dead_letter_topic is not None:
+            self.dead_letters = DeadLetterWriter(self.producer, cfg.kafka.dead_letter_topic, self.metrics)
+        self.sinks = self._build_sinks()
+        if cfg.sinks.scores_file is not None:
+            cfg.sinks.scores_file.parent.mkdir(parents=True, exist_ok=True)
+            self.scores_file = cfg.sinks.scores_file.open("a")
+        self.consumer = KafkaConsumer(**consumer_settings(cfg))
+        self.consumer.subscribe(sorted(self.topic_streams), listener=_Listener(self))
+        log.info("joining group %s for topics %s", cfg.kafka.group_id, ", ".join(sorted(self.topic_streams)))
+
+    def _build_sinks(self) -> list[Sink]:
+        cfg = self.config.sinks
+        sinks: list[Sink] = []
+        if cfg.log:
+            sinks.append(LogSink())
+        if cfg.kafka is not None:
+            sinks.append(KafkaAlertSink(self.producer, cfg.kafka.topic, self.metrics))
+        for am in cfg.alertmanager:
+            sinks.append(AlertmanagerSink(am, self.metrics))
+        for hook in cfg.webhooks:
+            sinks.append(WebhookSink(hook, self.metrics))
+        return sinks
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum: int, frame: FrameType | None) -> None:
+            log.info("%s: finishing the current batch and shutting down", signal.Signals(signum).name)
+            self._stop.set()
+
+        def hup(signum: int, frame: FrameType | None) -> None:
+            with self._reload_lock:
+                self._reload_requests.append(None)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hup)
+
+    def stop(self) -> None:
+        """Ask the loop to finish its batch and return (thread safe)."""
+        self._stop.set()
+
+    # --- health and reload (called from the HTTP thread) -------------------------------------
+
+    def is_healthy(self) -> bool:
+        limit = max(60.0, 3 * self.config.kafka.session_timeout_ms / 1000)
+        return time.monotonic() - self._last_loop < limit
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    def request_reload(self) -> tuple[bool, str]:
+        """Ask the main loop to reload the config; wait for its answer (at most 30 s)."""
+        done = threading.Event()
+        answer: list[tuple[bool, str]] = []
+        with self._reload_lock:
+            self._reload_requests.append((done, answer))
+        if not done.wait(30.0) or not answer:
+            return False, "reload not handled within 30 s"
+        return answer[0]
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Consume until stopped; returns the exit code."""
+        cfg = self.config.scoring
+        pending: list[Any] = []
+        started = 0.0
+        try:
+            while not self._stop.is_set():
+                self._last_loop = time.monotonic()
+                self._handle_reloads()
+                wait_ms = cfg.batch_wait_ms
+                if pending:
+                    wait_ms = max(0, int(cfg.batch_wait_ms - (time.monotonic() - started) * 1000))
+                polled = self.consumer.poll(timeout_ms=min(wait_ms, 200), max_records=cfg.batch_records - len(pending))
+                records = [r for tp_records in polled.values() for r in tp_records]
+                if self._revoked or self._assigned is not None:
+                    self._on_rebalance(pending + records)
+                    pending = []
+                    continue
+                if records and not pending:
+                    started = time.monotonic()
+                pending.extend(records)
+                due = (time.monotonic() - started) * 1000 >= cfg.batch_wait_ms
+                if pending and (len(pending) >= cfg.batch_records or due):
+                    self.process(pending)
+                    pending = []
+                self._update_lag()
+            if pending and not self._revoked and self._assigned is None:
+                self.process(pending)
+        finally:
+            self.close()
+        return 0
+
+    def _on_rebalance(self, dropped: list[Any]) -> None:
+        """Drop what was fetched but not processed (nothing was emitted or committed for it) and,
+        on an assignment, restart the windows and seek back for the refill."""
+        from kafka.structs import TopicPartition
+
+        if self._revoked:
+            self._revoked = False
+            self._ready = False
+            self.metrics.ready.set(0)
+        assigned, self._assigned = self._assigned, None
+        if assigned is None:
+            return
+        self.metrics.rebalances.inc()
+        first_dropped: dict[Any, int] = {}
+        for r in dropped:
+            tp = TopicPartition(r.topic, r.partition)
+            first_dropped[tp] = min(first_dropped.get(tp, r.offset), r.offset)
+        for rt in self.runtimes.values():
+            rt.pipeline = Pipeline(rt.name, rt.stream, rt.checkpoint, self.config.scoring)
+        self._live_from = {}
+        refill = self.config.kafka.refill_records
+        for tp in sorted(assigned):
+            committed = self.consumer.committed(tp)
+            if committed is None:
+                # A new group: start where auto_offset_reset put us, re-reading what was dropped.
+                if tp in first_dropped:
+                    self.consumer.seek(tp, first_dropped[tp])
+                continue
+            begin = self.consumer.beginning_offsets([tp])[tp]
+            start = max(begin, committed - refill)
+            self.consumer.seek(tp, start)
+            self._live_from[tp] = committed
+            log.info(
+                "assigned %s[%d]: committed offset %d, refilling windows from offset %d",
+                tp.topic,
+                tp.partition,
+                committed,
+                start,
+            )
+        self._ready = bool(assigned)
+        self.metrics.ready.set(int(self._ready))
+
+    # --- one micro-batch -------------------------------------------------------------------
+
+    def process(self, records: list[Any]) -> None:
+        """Decode, score, emit and commit one micro-batch (records of any assigned partitions)."""
+        from kafka.structs import OffsetAndMetadata, TopicPartition
+
+        t0 = time.monotonic()
+        m = self.metrics
+        m.batch_records.observe(len(records))
+        commit: dict[Any, int] = {}
+        live = np.empty(len(records), bool)
+        for i, r in enumerate(records):
+            tp = TopicPartition(r.topic, r.partition)
+            live[i] = r.offset >= self._live_from.get(tp, 0)
+            if live[i]:
+                commit[tp] = max(commit.get(tp, 0), r.offset + 1)
+
+        alerts: list[Alert] = []
+        alert_times: dict[tuple[str, str, int], int] = {}
+        for name, rt in self.runtimes.items():
+            topic = rt.stream.input.topic  # type: ignore[union-attr]
+            rows = [i for i, r in enumerate(records) if r.topic == topic]
+            if not rows:
+                continue
+            n_features = len(rt.checkpoint.features)
+            refill, fresh = BatchBuilder(n_features), BatchBuilder(n_features)
+            for i in rows:
+                r = records[i]
+                (fresh if live[i] else refill).add(rt.decoder.decode_bytes(r.value or b"", i, r.timestamp), i)
+            n_live = int(live[rows].sum())
+            m.records_consumed.labels(name, "live").inc(n_live)
+            m.records_consumed.labels(name, "refill").inc(len(rows) - n_live)
+
+            s0 = time.monotonic()
+            if len(refill):
+                samples, _ = refill.build()
+                # Alert mode, alerts discarded: it rebuilds the alert state too, so an alert that
+                # was firing before a restart is not raised again and still gets its resolve.
+                result = rt.pipeline.process(samples, mode="alert")
+                m.windows_scored.labels(name, "refill").inc(result.windows)
+                for sink in self.sinks:
+                    if isinstance(sink, AlertmanagerSink):
+                        sink.restore(result.alerts)
+            samples, rejected = fresh.build()
+            result = rt.pipeline.process(samples, mode="alert")
+            m.scoring_seconds.labels(name).observe(time.monotonic() - s0)
+            self._dead_letter(name, records, rejected + result.rejected)
+            self._record(name, rt, records, samples.positions, samples.entities, samples.timestamps, result)
+            for alert in result.alerts:
+                m.alerts.labels(name, alert.severity, alert.status).inc()
+            for pos, entity, ts in zip(samples.positions, samples.entities, samples.timestamps, strict=True):
+                alert_times[(name, entity, int(ts))] = records[int(pos)].timestamp
+            alerts.extend(result.alerts)
+
+        for sink in self.sinks:
+            sink.emit(alerts)
+        now_ms = time.time() * 1000
+        for alert in alerts:
+            kafka_ms = alert_times.get((alert.stream, alert.entity, alert.window_end_ms))
+            if kafka_ms is not None and kafka_ms >= 0:
+                m.end_to_end_seconds.labels(alert.stream).observe(max(0.0, now_ms - kafka_ms) / 1000)
+        if self.dead_letters is not None:
+            self.dead_letters.flush()
+        if self.scores_file is not None:
+            self.scores_file.flush()
+        if commit:
+            self._commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in commit.items()})
+        m.batch_seconds.observe(time.monotonic() - t0)
+
+    def _commit(self, offsets: dict[Any, Any]) -> None:
+        from kafka.errors import CommitFailedError, KafkaError
+
+        try:
+            self.consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # A rebalance started after the batch was emitted: its records will be processed again
+            # by their next owner, and their alerts re-sent with the same ids (at least once).
+            log.warning("offset commit failed (%s); the batch will be redelivered", exc)
+            return
+        self.metrics.commits.inc()
+
+    def _dead_letter(self, stream: str, records: list[Any], rejected: list[Rejection]) -> None:
+        for rejection in rejected:
+            record = records[rejection.position]
+            self.metrics.messages_dropped.labels(stream, rejection.reason).inc()
+            log.debug(
+                "%s[%d]@%d rejected (%s): %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                rejection.reason,
+                rejection.detail,
+            )
+            if self.dead_letters is not None:
+                self.dead_letters.send(record, stream, rejection)
+
+    def _record(
+        self,
+        name: str,
+        rt: StreamRuntime,
+        records: list[Any],
+        positions: np.ndarray,
+        entities: list[str],
+        timestamps: np.ndarray,
+        result: BatchResult,
+    ) -> None:
+        m = self.metrics
+        m.windows_scored.labels(name, "live").inc(result.windows)
+        scored = ~np.isnan(result.score)
+        for score in result.score[scored]:
+            m.score.labels(name).observe(float(score))
+        for level in (1, 2):
+            count = int((result.severity == level).sum())
+            if count:
+                m.anomalies.labels(name, SEVERITY_NAMES[level]).inc(count)
+        if len(timestamps):
+            m.last_event.labels(name).set(float(timestamps.max()) / 1000)
+        if self.scores_file is None:
+            return
+        lines = []
+        for j, pos in enumerate(positions):
+            r = records[int(pos)]
+            has_score = bool(scored[j])
+            lines.append(
+                json.dumps(
+                    {
+                        "stream": name,
+                        "topic": r.topic,
+                        "partition": r.partition,
+                        "offset": r.offset,
+                        "entity": entities[j],
+                        "timestamp": format_timestamp(int(timestamps[j])),
+                        "score": float(result.score[j]) if has_score else None,
+                        "threshold": float(result.threshold[j]) if has_score else None,
+                        "severity": SEVERITY_NAMES[int(result.severity[j])],
+                        "alert_id": result.alert_ids[j],
+                    }
+                )
+            )
+        if lines:
+            self.scores_file.write("\n".join(lines) + "\n")
+
+    def _update_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._last_lag < _LAG_INTERVAL_S or not self._ready:
+            return
+        self._last_lag = now
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is None:
+                continue
+            position = self.consumer.position(tp)
+            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+
+    # --- reload ---------------------------------------------------------------------------
+
+    def _handle_reloads(self) -> None:
+        with self._reload_lock:
+            requests, self._reload_requests = self._reload_requests, []
+        for request in requests:
+            outcome = self.reload()
+            if request is not None:
+                done, answer = request
+                answer.append(outcome)
+                done.set()
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the config file and apply new thresholds and alert policies.
+
+        Windows are kept. Anything else that changed (mapping, model, Kafka, sinks) needs a
+        restart and is reported. An invalid file changes nothing.
+        """
+        if self.config_path is None:
+            return False, "no config file to reload"
+        try:
+            new = load_config(self.config_path)
+            streams = kafka_streams(new)
+            if set(streams) != set(self.runtimes):
+                raise ConfigError(
+                    str(self.config_path), ["streams: a reload cannot add or remove Kafka streams; restart instead"]
+                )
+        except DetectorError as exc:
+            self.metrics.reloads.labels("failure").inc()
+            self.metrics.reload_success.set(0)
+            log.error("config reload rejected, keeping the running config: %s", exc)
+            return False, f"rejected: {exc}"
+        changed = []
+        for name, rt in self.runtimes.items():
+            stream = streams[name]
+            if stream.thresholds != rt.stream.thresholds or stream.alerts != rt.stream.alerts:
+                rt.pipeline.reconfigure(stream)
+                changed.append(name)
+            rest = {"thresholds", "alerts"}
+            if stream.model_dump(exclude=rest) != rt.stream.model_dump(exclude=rest):
+                log.warning("stream %s: changes other than thresholds and alerts take effect after a restart", name)
+            rt.stream = rt.stream.model_copy(update={"thresholds": stream.thresholds, "alerts": stream.alerts})
+        self.metrics.reloads.labels("success").inc()
+        self.metrics.reload_success.set(1)
+        message = f"reloaded; new thresholds/alert policy for: {', '.join(changed) or 'none (unchanged)'}"
+        log.info(message)
+        return True, message
+
+    # --- shutdown -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush sinks, close the clients and the HTTP server. Safe to call twice."""
+        self._ready = False
+        self.metrics.ready.set(0)
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception:
+                log.exception("closing a sink failed")
+        self.sinks = []
+        if self.scores_file is not None:
+            self.scores_file.close()
+            self.scores_file = None
+        if self.consumer is not None:
+            self.consumer.close()
+            self.consumer = None
+        if self.producer is not None:
+            self.producer.close(timeout=10)
+            self.producer = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Rebalance callbacks. kafka-python runs them on its network thread, where no blocking
+    consumer call is allowed, so they only leave notes for the main loop."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def on_partitions_revoked(self, revoked: set[Any]) -> None:
+        if revoked:
+            self.daemon._revoked = True
+
+    def on_partitions_assigned(self, assigned: set[Any]) -> None:
+        self.daemon._assigned = set(assigned)
+
+
+def _watchdog(grace_s: float, stopping: threading.Event) -> None:
+    """Exit hard if a graceful shutdown takes longer than the grace period."""
+    stopping.wait()
+    time.sleep(grace_s)
+    log.error("shutdown took longer than the grace period (%.0f s); exiting now", grace_s)
+    os._exit(1)
+
+
+def run_daemon(config: Config, config_path: Path | None) -> int:
+    """`detector run`: load the models, serve metrics, consume until SIGTERM/SIGINT."""
+    daemon = Daemon(config, config_path)
+    daemon.install_signal_handlers()
+    grace = config.service.grace_period_s
+    threading.Thread(target=_watchdog, args=(grace, daemon._stop), name="grace-watchdog", daemon=True).start()
+    daemon.open()
+    for sink in daemon.sinks:
+        if isinstance(sink, AlertmanagerSink | WebhookSink):
+            sink.close_timeout_s = grace / 2  # the rest of the grace period is for Kafka
+    return daemon.run()

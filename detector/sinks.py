@@ -1,0 +1,353 @@
+"""Alert sinks of `detector run`: a Kafka topic, Alertmanager, a generic JSON webhook; and the
+dead-letter topic for records that cannot be used.
+
+A sink has `emit(alerts)` and `close()` (see `detector.alerts.Sink`). `emit` returns once
+the alerts are *handed over*: written to Kafka and acknowledged (Kafka sink), or queued for
+delivery (webhooks). The daemon commits offsets only after every sink's `emit` returned, so
+delivery is at least once; alert ids are stable, so receivers can deduplicate.
+
+Webhooks deliver from a background thread with exponential backoff. Their queue is bounded:
+when it is full, new alerts are dropped, counted in `detector_sink_dropped_total` and logged,
+so a dead receiver never stops consumption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from detector.alerts import Alert
+from detector.config import AlertmanagerSinkConfig, Retry, WebhookSinkConfig
+from detector.metrics import Metrics
+from detector.source import Rejection, format_timestamp
+
+log = logging.getLogger(__name__)
+
+
+class SinkError(RuntimeError):
+    """A sink could not hand alerts over (e.g. Kafka did not acknowledge them).
+
+    Not a `DetectorError`: nothing the user configured is wrong, so the daemon crashes
+    (exit 1) without committing the batch, and its supervisor restarts it.
+    """
+
+
+def alert_json(alert: Alert) -> bytes:
+    return json.dumps(alert.to_dict(), separators=(",", ":")).encode()
+
+
+# --- Kafka -------------------------------------------------------------------------------
+
+
+class KafkaAlertSink:
+    """Alert events as JSON messages on `topic`, keyed by entity (so one entity's events stay
+    in order on one partition). `emit` blocks until the broker acknowledged every message."""
+
+    kind = "kafka"
+
+    def __init__(self, producer: Any, topic: str, metrics: Metrics, timeout_s: float = 30.0) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.metrics = metrics
+        self.timeout_s = timeout_s
+
+    def emit(self, alerts: Sequence[Alert]) -> None:
+        futures = [
+            self.producer.send(
+                self.topic,
+                key=alert.entity.encode(),
+                value=alert_json(alert),
+                headers=[("detector.alert_id", alert.id.encode()), ("detector.status", alert.status.encode())],
+            )
+            for alert in alerts
+        ]
+        if not futures:
+            return
+        self.producer.flush(timeout=self.timeout_s)
+        for future in futures:
+            try:
+                future.get(timeout=self.timeout_s)
+            except Exception as exc:
+                self.metrics.sink_failures.labels(self.kind).inc()
+                raise SinkError(f"alerts topic {self.topic}: delivery failed: {exc}") from exc
+        self.metrics.sink_deliveries.labels(self.kind).inc(len(futures))
+
+    def close(self) -> None:
+        self.producer.flush(timeout=self.timeout_s)
+
+
+class DeadLetterWriter:
+    """Writes records that could not be used to the dead-letter topic, unchanged (key, value,
+    headers), with headers added: `detector.reason`, `detector.detail`, `detector.stream`,
+    `detector.source.topic`, `detector.source.partition`, `detector.source.offset`."""
+
+    def __init__(self, producer: Any, topic: str, metrics: Metrics, timeout_s: float = 30.0) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.metrics = metrics
+        self.timeout_s = timeout_s
+        self._pending: list[tuple[Any, str, str]] = []
+
+    def send(self, record: Any, stream: str, rejection: Rejection) -> None:
+        headers = list(record.headers or [])
+        headers += [
+            ("detector.reason", rejection.reason.encode()),
+            ("detector.detail", rejection.detail.encode()),
+            ("detector.stream", stream.encode()),
+            ("detector.source.topic", record.topic.encode()),
+            ("detector.source.partition", str(record.partition).encode()),
+            ("detector.source.offset", str(record.offset).encode()),
+        ]
+        future = self.producer.send(self.topic, key=record.key, value=record.value, headers=headers)
+        self._pending.append((future, stream, rejection.reason))
+
+    def flush(self) -> None:
+        """Block until every record sent since the last flush is acknowledged."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        self.producer.flush(timeout=self.timeout_s)
+        for future, stream, reason in pending:
+            try:
+                future.get(timeout=self.timeout_s)
+            except Exception as exc:
+                raise SinkError(f"dead-letter topic {self.topic}: delivery failed: {exc}") from exc
+            self.metrics.dead_letters.labels(stream, reason).inc()
+
+
+# --- webhooks ----------------------------------------------------------------------------
+
+
+def post_json(url: str, body: Any, headers: dict[str, str], timeout_s: float) -> None:
+    """POST `body` as JSON; raises on a connection error or an HTTP status >= 400."""
+    data = json.dumps(body, separators=(",", ":")).encode()
+    request = urllib.request.Request(
+        url, data=data, method="POST", headers={"Content-Type": "application/json", **headers}
+    )
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        response.read()
+
+
+def _retryable(exc: Exception) -> bool:
+    """Connection problems, timeouts, 429 and 5xx are worth retrying; other 4xx are not."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code == 429 or exc.code >= 500
+    return True
+
+
+class _QueuedDelivery:
+    """A bounded queue of JSON payloads POSTed by one background thread, with retries."""
+
+    kind = "webhook"
+
+    def __init__(self, url: str, headers: dict[str, str], queue_size: int, retry: Retry, metrics: Metrics) -> None:
+        self.url = url
+        self.headers = headers
+        self.retry = retry
+        self.metrics = metrics
+        # Seconds `close` waits for the queue to drain; the daemon sets it from its grace period.
+        self.close_timeout_s = 10.0
+        self._queue: queue.Queue[tuple[Any, int]] = queue.Queue(maxsize=queue_size)
+        self._closing = threading.Event()
+        self._abort = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{self.kind}-delivery", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _enqueue(self, payload: Any, alerts: int) -> None:
+        try:
+            self._queue.put_nowait((payload, alerts))
+        except queue.Full:
+            self.metrics.sink_dropped.labels(self.kind, "queue_full").inc(alerts)
+            log.error(
+                "%s %s: delivery queue full (%d); dropped %d alert(s)", self.kind, self.url, self._queue.maxsize, alerts
+            )
+        self.metrics.sink_queue.labels(self.kind).set(self._queue.qsize())
+
+    def _next_timeout(self) -> float:
+        return 0.2
+
+    def _tick(self) -> None:
+        """Called by the delivery thread at least every `_next_timeout()` seconds."""
+
+    def _run(self) -> None:
+        while True:
+            try:
+                payload, alerts = self._queue.get(timeout=self._next_timeout())
+            except queue.Empty:
+                if self._closing.is_set():
+                    return
+            else:
+                self.metrics.sink_queue.labels(self.kind).set(self._queue.qsize())
+                self._deliver(payload, alerts)
+            if not self._closing.is_set():
+                self._tick()
+
+    def _deliver(self, payload: Any, alerts: int) -> bool:
+        backoff = self.retry.initial_backoff_s
+        for attempt in range(1, self.retry.max_attempts + 1):
+            if self._abort.is_set():
+                break
+            try:
+                post_json(self.url, payload, self.headers, self.retry.timeout_s)
+            except Exception as exc:
+                self.metrics.sink_failures.labels(self.kind).inc()
+                if not _retryable(exc) or attempt == self.retry.max_attempts:
+                    log.error("%s %s: giving up after %d attempt(s): %s", self.kind, self.url, attempt, exc)
+                    break
+                log.warning(
+                    "%s %s: attempt %d failed (%s); retrying in %.1f s", self.kind, self.url, attempt, exc, backoff
+                )
+                if self._abort.wait(backoff):
+                    break
+                backoff = min(backoff * 2, self.retry.max_backoff_s)
+            else:
+                self.metrics.sink_deliveries.labels(self.kind).inc()
+                return True
+        self.metrics.sink_dropped.labels(self.kind, "not_delivered").inc(alerts)
+        return False
+
+    def close(self) -> None:
+        """Deliver what is queued, waiting at most `close_timeout_s`; then drop the rest."""
+        self._closing.set()
+        self._thread.join(self.close_timeout_s)
+        if self._thread.is_alive():
+            self._abort.set()
+            self._thread.join(5.0)
+        left = 0
+        while True:
+            try:
+                left += self._queue.get_nowait()[1]
+            except queue.Empty:
+                break
+        if left:
+            self.metrics.sink_dropped.labels(self.kind, "not_delivered").inc(left)
+            log.error("%s %s: %d alert(s) not delivered before shutdown", self.kind, self.url, left)
+
+
+class WebhookSink(_QueuedDelivery):
+    """POSTs each batch's alert events to `url` as a JSON array of alert objects."""
+
+    kind = "webhook"
+
+    def __init__(self, config: WebhookSinkConfig, metrics: Metrics) -> None:
+        super().__init__(config.url, config.headers, config.queue_size, config.retry, metrics)
+        self.start()
+
+    def emit(self, alerts: Sequence[Alert]) -> None:
+        if alerts:
+            self._enqueue([a.to_dict() for a in alerts], len(alerts))
+
+
+def _iso(ms: int) -> str:
+    return format_timestamp(ms)
+
+
+class AlertmanagerSink(_QueuedDelivery):
+    """Alertmanager API v2 (`POST <url>/api/v2/alerts`).
+
+    Each firing event becomes an alert with labels `alertname`, `stream`, `entity`,
+    `severity` (plus configured ones), annotations (summary, score, threshold, top features,
+    alert id, model version, window), `startsAt` = the window end that fired, and `endsAt` =
+    now + 4 re-send intervals, so Alertmanager expires it if the daemon stops re-sending.
+    Active alerts are re-sent every `resend_interval_s`. A resolve (or an escalation, which
+    replaces the warning alert with a critical one) sends the old alert with `endsAt` = the
+    event time of the resolving window.
+    """
+
+    kind = "alertmanager"
+
+    def __init__(self, config: AlertmanagerSinkConfig, metrics: Metrics) -> None:
+        super().__init__(
+            config.url.rstrip("/") + "/api/v2/alerts", config.headers, config.queue_size, config.retry, metrics
+        )
+        self.config = config
+        self._active: dict[tuple[str, str], dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._next_resend = time.monotonic() + config.resend_interval_s
+        self.start()
+
+    def _labels(self, alert: Alert) -> dict[str, str]:
+        return {
+            **self.config.labels,
+            "alertname": self.config.alertname,
+            "stream": alert.stream,
+            "entity": alert.entity,
+            "severity": alert.severity,
+        }
+
+    def _firing(self, alert: Alert) -> dict[str, Any]:
+        features = ", ".join(f"{name}={error:.4g}" for name, error in alert.top_features)
+        out: dict[str, Any] = {
+            "labels": self._labels(alert),
+            "annotations": {
+                "summary": f"{alert.stream}/{alert.entity}: score {alert.score:.4g} above {alert.threshold:.4g}",
+                "score": f"{alert.score:.6g}",
+                "threshold": f"{alert.threshold:.6g}",
+                "top_features": features,
+                "alert_id": alert.id,
+                "model_version": alert.model_version,
+                "window_start": _iso(alert.window_start_ms),
+                "window_end": _iso(alert.window_end_ms),
+            },
+            "startsAt": _iso(alert.window_end_ms),
+        }
+        if self.config.generator_url:
+            out["generatorURL"] = self.config.generator_url
+        return out
+
+    def _expiry(self) -> str:
+        return datetime.fromtimestamp(time.time() + 4 * self.config.resend_interval_s, tz=UTC).isoformat()
+
+    def emit(self, alerts: Sequence[Alert]) -> None:
+        if not alerts:
+            return
+        payload: list[dict[str, Any]] = []
+        with self._lock:
+            for alert in alerts:
+                key = (alert.stream, alert.entity)
+                old = self._active.pop(key, None)
+                if old is not None:
+                    # Resolved, or replaced by a new firing event (an escalation): end the old one.
+                    payload.append({**old, "endsAt": _iso(max(alert.window_end_ms, 0))})
+                if alert.status == "firing":
+                    self._active[key] = self._firing(alert)
+                    payload.append({**self._active[key], "endsAt": self._expiry()})
+                elif old is None:
+                    # A resolve for an alert this process never saw fire (it fired before a restart).
+                    ended = self._firing(alert)
+                    ended["annotations"]["alert_id"] = alert.resolves or alert.id
+                    payload.append({**ended, "endsAt": _iso(alert.window_end_ms)})
+        self._enqueue(payload, len(alerts))
+
+    def restore(self, alerts: Sequence[Alert]) -> None:
+        """Track alerts replayed from history (the refill after a restart) without sending them,
+        so an alert that fired before the restart is re-sent while it stays active."""
+        with self._lock:
+            for alert in alerts:
+                key = (alert.stream, alert.entity)
+                if alert.status == "firing":
+                    self._active[key] = self._firing(alert)
+                else:
+                    self._active.pop(key, None)
+
+    def _next_timeout(self) -> float:
+        return max(0.0, min(0.2, self._next_resend - time.monotonic()))
+
+    def _tick(self) -> None:
+        if time.monotonic() < self._next_resend:
+            return
+        self._next_resend = time.monotonic() + self.config.resend_interval_s
+        with self._lock:
+            active = [{**a, "endsAt": self._expiry()} for a in self._active.values()]
+        if active:
+            self._deliver(active, len(active))

@@ -1,0 +1,213 @@
+"""The daemon's parts that need no broker: Kafka settings from YAML, config checks of
+`detector run`, reload of thresholds and alert policy, and the health/metrics server."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from detector.cli import EXIT_USAGE, main
+from detector.config import Config, Stream, load_config, load_config_with_secrets, masked_dump, parse_config
+from detector.errors import ConfigError
+from detector.metrics import HealthServer, Metrics
+from detector.model import save_checkpoint
+from detector.service import Daemon, consumer_settings, kafka_streams, producer_settings
+from detector.source import SampleBatch
+from detector.train import fit
+
+STREAM = {
+    "input": {"kind": "kafka", "topic": "metrics"},
+    "mapping": {"entity": "host", "features": ["cpu"]},
+    "window": {"size": 4},
+    "model": {"hidden_size": 4, "latent_size": 2},
+    "training": {"epochs": 1, "early_stopping_patience": 0},
+    "thresholds": {"warning": {"rule": "quantile", "q": 0.99}},
+    "checkpoint": "model.pt",
+}
+
+
+def write(path: Path, data: dict[str, object]) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_kafka_settings_pass_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_PASSWORD", "s3cret")
+    config = write(
+        tmp_path / "c.yaml",
+        {
+            "streams": {"web": STREAM},
+            "kafka": {
+                "bootstrap_servers": "k1:9092, k2:9092",
+                "security_protocol": "SASL_SSL",
+                "sasl_mechanism": "SCRAM-SHA-512",
+                "sasl_plain_username": "detector",
+                "sasl_plain_password": "${KAFKA_PASSWORD}",
+                "ssl_cafile": "ca.pem",
+                "fetch_max_wait_ms": 10,
+                "consumer_options": {"isolation_level": "read_committed"},
+                "producer_options": {"compression_type": "gzip"},
+            },
+        },
+    )
+    cfg, secrets = load_config_with_secrets(config)
+    consumer = consumer_settings(cfg)
+    assert consumer["bootstrap_servers"] == ["k1:9092", "k2:9092"]
+    assert consumer["enable_auto_commit"] is False
+    assert consumer["sasl_plain_password"] == "s3cret"
+    assert consumer["ssl_cafile"] == str(tmp_path / "ca.pem")  # relative to the config file
+    assert consumer["fetch_max_wait_ms"] == 10
+    assert consumer["isolation_level"] == "read_committed"
+    assert "compression_type" not in consumer
+    producer = producer_settings(cfg)
+    assert producer["compression_type"] == "gzip"
+    assert producer["acks"] == "all"
+    assert "group_id" not in producer
+    assert "s3cret" not in masked_dump(cfg, secrets)
+
+
+def test_new_sections_reject_bad_values(tmp_path: Path) -> None:
+    bad = {
+        "streams": {"web": STREAM},
+        "kafka": {"session_timeout_ms": 3000, "heartbeat_interval_ms": 2000},
+        "sinks": {"alertmanager": [{"url": "ftp://x"}], "webhooks": [{"url": "http://x", "queue_size": 0}]},
+        "scoring": {"batch_records": 0},
+        "server": {"port": 70000},
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path / "c.yaml", bad))
+    text = str(info.value)
+    for path in (
+        "kafka: Value error, heartbeat_interval_ms must be at most a third",
+        "sinks.alertmanager[0].url",
+        "sinks.webhooks[0].queue_size",
+        "scoring.batch_records",
+        "server.port",
+    ):
+        assert path in text
+
+
+def test_run_needs_a_kafka_stream_with_a_checkpoint(tmp_path: Path) -> None:
+    file_only = Config.model_validate({"streams": {"f": {**STREAM, "input": {"kind": "file", "path": "x.csv"}}}})
+    with pytest.raises(ConfigError, match="no stream reads from Kafka"):
+        kafka_streams(file_only)
+    no_checkpoint = Config.model_validate({"streams": {"web": {**STREAM, "checkpoint": None}}})
+    with pytest.raises(ConfigError, match=r"streams.web.checkpoint"):
+        kafka_streams(no_checkpoint)
+
+
+def test_run_exits_2_on_a_bad_config_or_a_missing_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write(tmp_path / "c.yaml", {"streams": {"web": {**STREAM, "window": {"size": 1}}}})
+    assert main(["run", "--config", str(config)]) == EXIT_USAGE
+    assert "streams.web.window.size" in capsys.readouterr().err
+    config = write(tmp_path / "c.yaml", {"streams": {"web": STREAM}})
+    assert main(["run", "--config", str(config)]) == EXIT_USAGE
+    assert "model.pt not found" in capsys.readouterr().err
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Daemon:
+    config_path = write(tmp_path / "c.yaml", {"streams": {"web": STREAM}, "server": {"enabled": False}})
+    config = load_config(config_path)
+    stream: Stream = config.streams["web"]
+    t = np.arange(200)
+    samples = SampleBatch(["h"] * 200, t * 60_000, np.sin(t / 5)[:, None].astype(np.float32), t)
+    assert stream.checkpoint is not None
+    save_checkpoint(stream.checkpoint, fit("web", stream, samples, progress=False))
+    return Daemon(config, config_path, CollectorRegistry())
+
+
+def test_reload_applies_thresholds_and_keeps_windows(daemon: Daemon) -> None:
+    assert daemon.config_path is not None
+    pipeline = daemon.runtimes["web"].pipeline
+    windows = pipeline.windows
+    changed = yaml.safe_load(daemon.config_path.read_text())
+    changed["streams"]["web"]["thresholds"] = {"warning": {"rule": "static", "value": 5.0}}
+    changed["streams"]["web"]["alerts"] = {"n": 1, "m": 2}
+    write(daemon.config_path, changed)
+    ok, message = daemon.reload()
+    assert ok, message
+    assert "web" in message
+    assert daemon.runtimes["web"].pipeline.windows is windows
+    assert daemon.runtimes["web"].pipeline.policy.config.n == 1
+    assert daemon.runtimes["web"].stream.thresholds.warning.rule == "static"
+    registry = daemon.registry
+    assert registry.get_sample_value("detector_config_reloads_total", {"result": "success"}) == 1
+
+
+def test_an_invalid_reload_keeps_the_running_config(daemon: Daemon) -> None:
+    assert daemon.config_path is not None
+    before = daemon.runtimes["web"].stream
+    daemon.config_path.write_text("streams: {web: {window: {size: 0}}}\n")
+    ok, message = daemon.reload()
+    assert not ok
+    assert "rejected" in message
+    assert daemon.runtimes["web"].stream is before
+    registry = daemon.registry
+    assert registry.get_sample_value("detector_config_reloads_total", {"result": "failure"}) == 1
+    assert registry.get_sample_value("detector_config_last_reload_successful") == 0
+    # Adding a stream needs a restart, not a reload.
+    extra = {"streams": {"web": STREAM, "db": {**STREAM, "input": {"kind": "kafka", "topic": "db"}}}}
+    write(daemon.config_path, extra)
+    ok, message = daemon.reload()
+    assert not ok and "add or remove" in message
+
+
+def get(url: str, method: str = "GET") -> tuple[int, str]:
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_health_server_endpoints() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.records_consumed.labels("web", "live").inc(3)
+    state = {"ready": False, "reload": (False, "rejected: bad")}
+    server = HealthServer(
+        registry,
+        "127.0.0.1",
+        0,
+        lambda: True,
+        lambda: state["ready"],
+        lambda: state["reload"],  # type: ignore[arg-type,return-value]
+    ).start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        status, text = get(base + "/metrics")
+        assert status == 200
+        assert 'detector_records_consumed_total{phase="live",stream="web"} 3.0' in text
+        assert get(base + "/-/healthy")[0] == 200
+        assert get(base + "/-/ready")[0] == 503
+        state["ready"] = True
+        assert get(base + "/-/ready")[0] == 200
+        assert get(base + "/-/reload", "POST") == (500, "rejected: bad\n")
+        state["reload"] = (True, "reloaded")
+        assert get(base + "/-/reload", "POST") == (200, "reloaded\n")
+        assert get(base + "/nothing")[0] == 404
+    finally:
+        server.stop()
+
+
+def test_readme_daemon_example_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## The daemon") :]
+    block = section[section.index("```yaml\n") + 8 : section.index("```\n", section.index("```yaml\n") + 8)]
+    monkeypatch.setenv("KAFKA_PASSWORD", "pw")
+    monkeypatch.setenv("HOOK_TOKEN", "token")
+    config, secrets = parse_config(block, "README.md")
+    assert config.kafka.bootstrap_servers == ["kafka-1:9092", "kafka-2:9092"]
+    assert config.sinks.alertmanager[0].labels == {"team": "sre"}
+    assert "kafka.sasl_plain_password" in secrets
+    kafka_streams(config)

@@ -1,0 +1,283 @@
+"""Webhook and Alertmanager sinks against a tiny local HTTP receiver: payload format,
+retries with backoff, the bounded queue, re-sending active alerts, and shutdown."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from detector.alerts import Alert
+from detector.config import AlertmanagerSinkConfig, WebhookSinkConfig
+from detector.metrics import Metrics
+from detector.sinks import AlertmanagerSink, DeadLetterWriter, KafkaAlertSink, SinkError, WebhookSink
+from detector.source import Rejection
+
+FAST_RETRY = {"initial_backoff_s": 0.01, "max_backoff_s": 0.02, "max_attempts": 4, "timeout_s": 2}
+
+
+class Receiver:
+    """Records POSTs; answers each with the next status from `statuses` (then 200)."""
+
+    def __init__(self, statuses: list[int] | None = None, delay_s: float = 0.0) -> None:
+        self.posts: list[tuple[str, Any]] = []
+        self.statuses = list(statuses or [])
+        self.delay_s = delay_s
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                time.sleep(receiver.delay_s)
+                with receiver.lock:
+                    status = receiver.statuses.pop(0) if receiver.statuses else 200
+                    if status == 200:
+                        receiver.posts.append((self.path, body))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def wait(self, count: int, timeout_s: float = 5.0) -> list[tuple[str, Any]]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.posts) >= count:
+                    return list(self.posts)
+            time.sleep(0.01)
+        raise AssertionError(f"got {len(self.posts)} POSTs, expected {count}")
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+def alert(
+    entity: str = "web-1",
+    status: str = "firing",
+    severity: str = "warning",
+    end_ms: int = 1_700_000_060_000,
+    resolves: str | None = None,
+) -> Alert:
+    return Alert(
+        id=f"{entity}-{status}-{end_ms}",
+        status=status,  # type: ignore[arg-type]
+        stream="hosts",
+        entity=entity,
+        severity=severity,
+        window_start_ms=end_ms - 60_000,
+        window_end_ms=end_ms,
+        score=3.2,
+        threshold=0.4,
+        top_features=(("latency", 2.5), ("cpu", 0.1)),
+        model_version="hosts-v1",
+        resolves=resolves,
+    )
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_webhook_posts_alert_objects(receiver: Receiver, metrics: Metrics) -> None:
+    sink = WebhookSink(WebhookSinkConfig(url=receiver.url + "/hook", headers={"X-Token": "t"}), metrics)
+    sink.emit([alert("a"), alert("b")])
+    sink.emit([])
+    path, body = receiver.wait(1)[0]
+    sink.close()
+    assert path == "/hook"
+    assert [a["entity"] for a in body] == ["a", "b"]
+    assert body[0] == alert("a").to_dict()
+    assert value(metrics, "detector_sink_deliveries_total", sink="webhook") == 1
+
+
+def test_webhook_retries_with_backoff_then_delivers(metrics: Metrics) -> None:
+    r = Receiver(statuses=[503, 500, 429])
+    sink = WebhookSink(WebhookSinkConfig(url=r.url, retry=FAST_RETRY), metrics)  # type: ignore[arg-type]
+    sink.emit([alert()])
+    assert len(r.wait(1)) == 1
+    sink.close()
+    assert value(metrics, "detector_sink_failures_total", sink="webhook") == 3
+    assert value(metrics, "detector_sink_dropped_total", sink="webhook", cause="not_delivered") == 0
+
+
+def test_webhook_gives_up_on_a_client_error_and_counts_it(metrics: Metrics) -> None:
+    r = Receiver(statuses=[400])
+    sink = WebhookSink(WebhookSinkConfig(url=r.url, retry=FAST_RETRY), metrics)  # type: ignore[arg-type]
+    sink.emit([alert(), alert("b")])
+    sink.close()
+    assert r.posts == []
+    assert value(metrics, "detector_sink_failures_total", sink="webhook") == 1  # no retry on a 400
+    assert value(metrics, "detector_sink_dropped_total", sink="webhook", cause="not_delivered") == 2
+
+
+def test_a_full_queue_drops_and_counts_without_blocking(metrics: Metrics) -> None:
+    r = Receiver(delay_s=0.5)  # a slow receiver: the first POST occupies the delivery thread
+    sink = WebhookSink(WebhookSinkConfig(url=r.url, queue_size=1, retry=FAST_RETRY), metrics)  # type: ignore[arg-type]
+    started = time.monotonic()
+    for i in range(5):
+        sink.emit([alert(f"e{i}")])
+        time.sleep(0.02)
+    assert time.monotonic() - started < 0.4  # emit never waited for the receiver
+    sink.close()
+    delivered = value(metrics, "detector_sink_deliveries_total", sink="webhook")
+    dropped = value(metrics, "detector_sink_dropped_total", sink="webhook", cause="queue_full")
+    assert dropped >= 3
+    assert delivered + dropped == 5
+
+
+def test_close_gives_up_after_its_timeout_and_counts_the_rest(metrics: Metrics) -> None:
+    # Nothing listens on this port: every attempt fails and backs off.
+    cfg = WebhookSinkConfig(url="http://127.0.0.1:9/", retry={"initial_backoff_s": 5, "max_attempts": 10})  # type: ignore[arg-type]
+    sink = WebhookSink(cfg, metrics)
+    sink.close_timeout_s = 0.2
+    sink.emit([alert("a")])
+    sink.emit([alert("b")])
+    started = time.monotonic()
+    sink.close()
+    assert time.monotonic() - started < 3
+    assert value(metrics, "detector_sink_dropped_total", sink="webhook", cause="not_delivered") == 2
+
+
+def test_alertmanager_format_resend_and_resolve(receiver: Receiver, metrics: Metrics) -> None:
+    cfg = AlertmanagerSinkConfig(
+        url=receiver.url + "/", labels={"team": "sre"}, resend_interval_s=0.2, generator_url="http://detector/"
+    )
+    sink = AlertmanagerSink(cfg, metrics)
+    firing = alert("web-1")
+    sink.emit([firing])
+    path, body = receiver.wait(1)[0]
+    assert path == "/api/v2/alerts"
+    (sent,) = body
+    assert sent["labels"] == {
+        "alertname": "AnomalyDetected",
+        "team": "sre",
+        "stream": "hosts",
+        "entity": "web-1",
+        "severity": "warning",
+    }
+    assert sent["annotations"]["alert_id"] == firing.id
+    assert sent["annotations"]["top_features"] == "latency=2.5, cpu=0.1"
+    assert sent["startsAt"] == "2023-11-14T22:14:20.000Z"
+    assert sent["endsAt"] > "2025"  # wall clock + 4 re-send intervals: expires if we stop re-sending
+    assert sent["generatorURL"] == "http://detector/"
+
+    resent = receiver.wait(2)[1][1]
+    assert [a["labels"]["entity"] for a in resent] == ["web-1"]
+
+    sink.emit([alert("web-1", "resolved", end_ms=1_700_000_600_000, resolves=firing.id)])
+    time.sleep(0.5)
+    sink.close()
+    ended = [a for _, body in receiver.posts for a in body if a["endsAt"] < "2025"]
+    assert len(ended) == 1
+    assert ended[0]["labels"]["entity"] == "web-1"
+    assert ended[0]["endsAt"] == "2023-11-14T22:23:20.000Z"
+    # Nothing is re-sent once the alert is resolved.
+    count = len(receiver.posts)
+    time.sleep(0.3)
+    assert len(receiver.posts) == count
+
+
+def test_alertmanager_escalation_ends_the_warning_alert(receiver: Receiver, metrics: Metrics) -> None:
+    sink = AlertmanagerSink(AlertmanagerSinkConfig(url=receiver.url, resend_interval_s=60), metrics)
+    sink.emit([alert("db", severity="warning", end_ms=1_700_000_060_000)])
+    sink.emit([alert("db", severity="critical", end_ms=1_700_000_120_000)])
+    posts = receiver.wait(2)
+    sink.close()
+    second = posts[1][1]
+    assert [(a["labels"]["severity"], a["endsAt"] < "2025") for a in second] == [("warning", True), ("critical", False)]
+
+
+def test_alertmanager_restore_resends_without_sending_at_once(receiver: Receiver, metrics: Metrics) -> None:
+    sink = AlertmanagerSink(AlertmanagerSinkConfig(url=receiver.url, resend_interval_s=0.2), metrics)
+    sink.restore([alert("a"), alert("b"), alert("b", "resolved", end_ms=1_700_000_600_000)])
+    time.sleep(0.05)
+    assert receiver.posts == []  # history is not sent again...
+    _, body = receiver.wait(1)[0]  # ...but what is still active is re-sent
+    sink.close()
+    assert [a["labels"]["entity"] for a in body] == ["a"]
+
+
+class FakeFuture:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+
+    def get(self, timeout: float | None = None) -> object:
+        if self.error is not None:
+            raise self.error
+        return object()
+
+
+class FakeProducer:
+    """Stands in for KafkaProducer in these unit tests; the integration tests use a real broker."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.sent: list[tuple[str, Any, Any, Any]] = []
+        self.error = error
+        self.flushes = 0
+
+    def send(self, topic: str, key: Any = None, value: Any = None, headers: Any = None) -> FakeFuture:
+        self.sent.append((topic, key, value, headers))
+        return FakeFuture(self.error)
+
+    def flush(self, timeout: float | None = None) -> None:
+        self.flushes += 1
+
+
+def test_kafka_sink_keys_by_entity_and_fails_loudly(metrics: Metrics) -> None:
+    producer = FakeProducer()
+    KafkaAlertSink(producer, "alerts", metrics).emit([alert("a"), alert("b")])
+    assert [(t, k) for t, k, _, _ in producer.sent] == [("alerts", b"a"), ("alerts", b"b")]
+    assert json.loads(producer.sent[0][2]) == alert("a").to_dict()
+    assert producer.flushes == 1
+    failing = KafkaAlertSink(FakeProducer(RuntimeError("no leader")), "alerts", metrics)
+    with pytest.raises(SinkError, match="no leader"):
+        failing.emit([alert()])
+    assert value(metrics, "detector_sink_failures_total", sink="kafka") == 1
+
+
+def test_dead_letters_keep_the_record_and_add_headers(metrics: Metrics) -> None:
+    producer = FakeProducer()
+    writer = DeadLetterWriter(producer, "dead", metrics)
+    record = SimpleNamespace(topic="m", partition=2, offset=41, key=b"h", value=b"{bad", headers=[("trace", b"1")])
+    writer.send(record, "hosts", Rejection(0, "invalid_json", "unexpected end"))
+    assert value(metrics, "detector_dead_letters_total", stream="hosts", reason="invalid_json") == 0
+    writer.flush()
+    ((topic, key, val, headers),) = producer.sent
+    assert (topic, key, val) == ("dead", b"h", b"{bad")
+    assert dict(headers) == {
+        "trace": b"1",
+        "detector.reason": b"invalid_json",
+        "detector.detail": b"unexpected end",
+        "detector.stream": b"hosts",
+        "detector.source.topic": b"m",
+        "detector.source.partition": b"2",
+        "detector.source.offset": b"41",
+    }
+    assert value(metrics, "detector_dead_letters_total", stream="hosts", reason="invalid_json") == 1
