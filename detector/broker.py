@@ -114,6 +114,10 @@ def wait_for_kafka(bootstrap: str, timeout_s: float, process: subprocess.Popen[b
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise BrokerError(f"the broker exited with code {process.returncode} while starting")
+        if not _port_open(bootstrap):
+            # Not listening yet: the Kafka client would log a connection error for each try.
+            time.sleep(0.05)
+            continue
         try:
             admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
         except (KafkaError, OSError) as exc:
@@ -123,6 +127,15 @@ def wait_for_kafka(bootstrap: str, timeout_s: float, process: subprocess.Popen[b
         admin.close()
         return
     raise BrokerError(f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f} s ({last})")
+
+
+def _port_open(bootstrap: str) -> bool:
+    host, _, port = bootstrap.split(",", maxsplit=1)[0].rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=0.5):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def create_topics(bootstrap: str, topics: Iterable[str], partitions: int = 1) -> None:

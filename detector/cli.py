@@ -47,6 +47,9 @@ def setup_logging(level: str, fmt: str) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # kafka-python narrates every connection at INFO; its warnings and errors still show.
+    if level != "debug":
+        logging.getLogger("kafka").setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("build/demo"))
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
+    p.add_argument("--offline", action="store_true", help="replay the files instead of running the daemon on a broker")
+    p.add_argument("--speed", type=float, default=2.0, help="simulated hours per second of the live stream")
     return parser
 
 
@@ -173,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from detector.demo import run_demo
 
-        return run_demo(args.workdir, args.seed, args.config)
+        return run_demo(args.workdir, args.seed, args.config, offline=args.offline, speed=args.speed)
     raise AssertionError(args.command)
 
 

@@ -411,7 +411,8 @@ class Server(_Model):
     """The HTTP endpoints of `detector run`: /metrics, /-/healthy, /-/ready, POST /-/reload."""
 
     enabled: bool = True
-    host: str = "0.0.0.0"
+    # Loopback unless told otherwise: a container or pod sets 0.0.0.0 so the scraper can reach it.
+    host: str = "127.0.0.1"
     port: int = Field(9108, ge=0, le=65535)
 
 
