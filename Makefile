@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit clean
+.PHONY: demo test lint typecheck unit clean deploy-tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
+
+# promtool and amtool from Debian's prometheus packages, unpacked into .venv/tools (nothing is
+# installed system-wide, no service starts). Optional and explicit: `make test` never downloads
+# them, and tests/unit/test_deploy.py runs them when they are here or on PATH.
+TOOLS := $(VENV)/tools
+deploy-tools:
+	rm -rf $(TOOLS) && mkdir -p $(TOOLS)/debs
+	cd $(TOOLS)/debs && apt-get download prometheus prometheus-alertmanager
+	for deb in $(TOOLS)/debs/*.deb; do dpkg-deb -x "$$deb" $(TOOLS)/root; done
+	rm -rf $(TOOLS)/debs
+	$(TOOLS)/root/usr/bin/promtool --version | head -1
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,9 +46,13 @@ class Alert:
     threshold: float
     top_features: tuple[tuple[str, float], ...]
     model_version: str
-    resolves: str | None = None  # for a resolved event, the id of the firing event it ends
+    resolves: str | None = None  # for a resolved event, the id of the latest firing event it ends
+    ends: tuple[str, ...] = ()  # for a resolved event, every firing id of the incident, oldest first
+    replaces: str | None = None  # for an escalation, the id of the firing event it supersedes
 
     def to_dict(self) -> dict[str, Any]:
+        """The alert as JSON-ready data. Non-finite numbers become None (JSON null), so the
+        result always dumps with `allow_nan=False`."""
         out: dict[str, Any] = {
             "id": self.id,
             "status": self.status,
@@ -61,35 +66,51 @@ class Alert:
             "top_features": [{"name": n, "error": _significant(e)} for n, e in self.top_features],
             "model_version": self.model_version,
         }
+        if self.replaces is not None:
+            out["replaces"] = self.replaces
         if self.resolves is not None:
             out["resolves"] = self.resolves
+            out["ends"] = list(self.ends)
         return out
 
 
-def _significant(value: float) -> float:
+def _significant(value: float) -> float | None:
     """Six significant digits: rounding to decimal places would turn small reconstruction
-    errors (1e-7 on a well-fitted model) into 0.0 and hide that the score beat the threshold."""
+    errors (1e-7 on a well-fitted model) into 0.0 and hide that the score beat the threshold.
+    None for NaN and infinities, which JSON cannot carry."""
+    if not math.isfinite(value):
+        return None
     return float(f"{value:.6g}")
 
 
 @dataclass
 class _EntityState:
     history: int = 0  # bit i set = the window i steps ago was anomalous (bit 0 = latest)
-    normal_streak: int = 0
-    active_id: str | None = None
-    active_severity: int = NONE
-    quiet_until_ms: int = -(2**62)
     critical_history: int = 0  # like `history`, for critical windows only
+    normal_streak: int = 0
+    incident: tuple[str, ...] = ()  # firing ids of the open incident, oldest first; () when not firing
+    active_severity: int = NONE
+    resolved_at_ms: int = -(2**62)  # event time of the last resolve; the cooldown runs from here
+    critical_score: float = math.nan  # score and critical threshold of the latest critical window
+    critical_threshold: float = math.nan
+
+    @property
+    def active_id(self) -> str | None:
+        return self.incident[-1] if self.incident else None
 
 
 class AlertPolicy:
     """N-of-M firing, resolve after a run of normal windows, cooldown after a resolve.
 
     - An entity fires when at least `n` of its last `m` windows were anomalous and it is not
-      already firing or cooling down. The event carries the worst severity among them.
-    - While firing, an escalation from warning to critical fires again (a new id).
-    - After `resolve_after` normal windows in a row (default `m`), a `resolved` event ends it,
-      and the entity cannot fire again until `cooldown_s` of event time has passed.
+      already firing or cooling down. The event carries the worst severity among them, with
+      the score and threshold of the latest window of that severity (window and top features
+      are those of the window that fired).
+    - While firing, an escalation from warning to critical fires again: a new id, and
+      `replaces` names the id it supersedes.
+    - After `resolve_after` normal windows in a row (default `m`), a `resolved` event ends the
+      incident (`resolves`: its latest firing id; `ends`: all of them), and the entity cannot
+      fire again until `cooldown_s` of event time has passed.
     """
 
     def __init__(self, stream: str, config: PolicyConfig, features: Sequence[str], model_version: str) -> None:
@@ -103,6 +124,19 @@ class AlertPolicy:
     def is_active(self, slot: int) -> bool:
         state = self._state.get(slot)
         return state is not None and state.active_id is not None
+
+    def reconfigured(self, config: PolicyConfig) -> AlertPolicy:
+        """A policy with `config` that carries every entity's state over, so a reload never
+        strands an open incident: it keeps its ids and severity and resolves under the new
+        rules. The N-of-M history keeps its latest min(old m, new m) windows (when `m` grows,
+        the windows older than the old `m` count as normal); the normal streak carries over,
+        and the cooldown runs from the last resolve with the new `cooldown_s`."""
+        policy = AlertPolicy(self.stream, config, self.features, self.model_version)
+        for slot, state in self._state.items():
+            policy._state[slot] = replace(
+                state, history=state.history & policy._mask, critical_history=state.critical_history & policy._mask
+            )
+        return policy
 
     def update(
         self,
@@ -139,23 +173,33 @@ class AlertPolicy:
             state.history = ((state.history << 1) | anomalous) & self._mask
             state.critical_history = ((state.critical_history << 1) | (sev == CRITICAL)) & self._mask
             state.normal_streak = 0 if anomalous else state.normal_streak + 1
+            if sev == CRITICAL:
+                state.critical_score, state.critical_threshold = float(scores[i]), float(thresholds[i])
             end = int(end_ms[i])
-            if state.active_id is None:
-                if anomalous and state.history.bit_count() >= cfg.n and end >= state.quiet_until_ms:
+            if not state.incident:
+                if anomalous and state.history.bit_count() >= cfg.n and end >= state.resolved_at_ms + cooldown_ms:
                     worst = CRITICAL if state.critical_history else WARNING
-                    events.append(self._alert(i, entities[i], worst, scores, thresholds, per_feature, start_ms, end_ms))
-                    state.active_id, state.active_severity = events[-1].id, worst
+                    alert = self._alert(i, entities[i], worst, scores, thresholds, per_feature, start_ms, end_ms)
+                    if worst != sev:
+                        # The critical window came earlier among the last m: report its score and
+                        # threshold, so they match the severity.
+                        alert = replace(alert, score=state.critical_score, threshold=state.critical_threshold)
+                    events.append(alert)
+                    state.incident, state.active_severity = (alert.id,), worst
             elif anomalous and sev > state.active_severity:
-                events.append(self._alert(i, entities[i], sev, scores, thresholds, per_feature, start_ms, end_ms))
-                state.active_id, state.active_severity = events[-1].id, sev
+                alert = self._alert(i, entities[i], sev, scores, thresholds, per_feature, start_ms, end_ms)
+                events.append(replace(alert, replaces=state.incident[-1]))
+                state.incident, state.active_severity = (*state.incident, alert.id), sev
             elif state.normal_streak >= cfg.resolve_windows:
                 last = self._alert(
                     i, entities[i], state.active_severity, scores, thresholds, per_feature, start_ms, end_ms
                 )
                 resolved_id = alert_id(self.stream, entities[i], end, "resolved")
-                events.append(replace(last, id=resolved_id, status="resolved", resolves=state.active_id))
-                state.active_id, state.active_severity = None, NONE
-                state.quiet_until_ms = end + cooldown_ms
+                events.append(
+                    replace(last, id=resolved_id, status="resolved", resolves=state.incident[-1], ends=state.incident)
+                )
+                state.incident, state.active_severity = (), NONE
+                state.resolved_at_ms = end
             ids.append(state.active_id)
         return events, ids
 
@@ -202,7 +246,7 @@ class LogSink:
 
     def emit(self, alerts: Sequence[Alert]) -> None:
         for alert in alerts:
-            log.warning(json.dumps(alert.to_dict()))
+            log.warning(json.dumps(alert.to_dict(), allow_nan=False))
 
     def close(self) -> None:
         pass
@@ -217,7 +261,7 @@ class JsonLinesSink:
 
     def emit(self, alerts: Sequence[Alert]) -> None:
         for alert in alerts:
-            self._file.write(json.dumps(alert.to_dict()) + "\n")
+            self._file.write(json.dumps(alert.to_dict(), allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:

@@ -95,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entities", help="comma-separated entities to show (default: all, most alerts first)")
     p.add_argument("--max-entities", type=int, default=12, help="show at most this many entities")
 
+    p = sub.add_parser("evaluate", help="score detection quality on a labeled public benchmark")
+    bench = p.add_subparsers(dest="benchmark", required=True)
+    b = bench.add_parser("nab", help="Numenta Anomaly Benchmark: replay each series, NAB score per cost profile")
+    b.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="holds nab/data and nab/labels")
+    b.add_argument("--config", type=Path, default=Path("configs/system-metrics.yaml"))
+    b.add_argument("--series", default="*", help="glob over category/file.csv (default: all)")
+    b.add_argument("--out", type=Path, default=Path("build/eval/nab"), help="results.json, results.csv, scores/")
+    b.add_argument("--jobs", type=int, default=2, help="series replayed in parallel (one torch thread each)")
+
     p = sub.add_parser("run", help="the daemon: consume Kafka, score, alert, serve /metrics (SIGHUP reloads)")
     p.add_argument("--config", required=True, type=Path)
 
@@ -169,6 +178,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "report":
         return run_report(args)
+
+    if args.command == "evaluate":
+        from detector.evaluate import evaluate_nab, print_nab_report, write_nab_report
+
+        report = evaluate_nab(args.data_dir, args.config, args.out, args.series, max(1, args.jobs))
+        print_nab_report(report)
+        json_path, csv_path = write_nab_report(report, args.out)
+        print(f"wrote {json_path} and {csv_path}", file=sys.stderr)
+        return EXIT_OK
 
     if args.command == "run":
         from detector.service import run_daemon

@@ -72,11 +72,12 @@ class Pipeline:
         self.policy = AlertPolicy(name, stream.alerts, checkpoint.features, checkpoint.version)
 
     def reconfigure(self, stream: Stream) -> None:
-        """Take new thresholds and alert policy, keeping window state (dynamic threshold and
-        alert state start afresh)."""
+        """Take new thresholds and alert policy. Windows are kept; so is the alert state (an
+        open incident still gets its resolve, see `AlertPolicy.reconfigured`) and the state
+        of each dynamic threshold whose rule did not change. A changed rule starts afresh."""
         self.stream = stream
-        self.rules = SeverityRules(stream.thresholds, self.checkpoint.errors)
-        self.policy = AlertPolicy(self.name, stream.alerts, self.checkpoint.features, self.checkpoint.version)
+        self.rules = SeverityRules(stream.thresholds, self.checkpoint.errors, previous=self.rules)
+        self.policy = self.policy.reconfigured(stream.alerts)
 
     def process(self, batch: SampleBatch, mode: Mode = "alert") -> BatchResult:
         n = len(batch)

@@ -20,14 +20,15 @@ committed.
 
 Signals: SIGTERM/SIGINT finish the current batch, commit, flush the sinks and exit 0 within
 `service.grace_period_s`. SIGHUP (or `POST /-/reload`) reloads thresholds and alert policy
-from the config file, keeping the windows; an invalid file is rejected and the old config
-kept. The consumer is not thread safe: only the main thread touches it.
+from the config file, keeping the windows and the alert state; an invalid file is rejected
+and the old config kept. The consumer is not thread safe: only the main thread touches it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -48,7 +49,7 @@ from detector.errors import ConfigError, DetectorError
 from detector.metrics import HealthServer, Metrics
 from detector.model import Checkpoint, load_checkpoint
 from detector.pipeline import BatchResult, Pipeline
-from detector.sinks import AlertmanagerSink, DeadLetterWriter, KafkaAlertSink, WebhookSink
+from detector.sinks import AlertmanagerSink, DeadLetterWriter, KafkaAlertSink, SinkError, WebhookSink
 from detector.source import BatchBuilder, RecordDecoder, Rejection, format_timestamp
 from detector.threshold import SEVERITY_NAMES
 
@@ -56,6 +57,11 @@ log = logging.getLogger(__name__)
 
 # How often consumer lag is refreshed, in seconds.
 _LAG_INTERVAL_S = 1.0
+
+
+def _json_number(value: float) -> float | None:
+    """A float for JSON: None (null) for NaN (no window) and for infinities."""
+    return float(value) if math.isfinite(value) else None
 
 
 def kafka_client_settings(config: Config) -> dict[str, Any]:
@@ -249,7 +255,8 @@ class Daemon:
     # --- the loop ---------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Consume until stopped; returns the exit code."""
+        """Consume until stopped; returns the exit code: 0 after a stop, 1 when a sink failed
+        (the failed batch is not committed, so the restarted daemon processes it again)."""
         cfg = self.config.scoring
         pending: list[Any] = []
         started = 0.0
@@ -276,6 +283,14 @@ class Daemon:
                 self._update_lag()
             if pending and not self._revoked and self._assigned is None:
                 self.process(pending)
+        except SinkError as exc:
+            log.error(
+                "%s. The batch's offsets were not committed: exiting with code 1; once restarted, the "
+                "daemon processes the batch again and re-sends its alerts (same ids)",
+                exc,
+            )
+            self._stop.set()  # the grace-period watchdog bounds the shutdown below
+            return 1
         finally:
             self.close()
         return 0
@@ -444,7 +459,6 @@ class Daemon:
         lines = []
         for j, pos in enumerate(positions):
             r = records[int(pos)]
-            has_score = bool(scored[j])
             lines.append(
                 json.dumps(
                     {
@@ -454,11 +468,12 @@ class Daemon:
                         "offset": r.offset,
                         "entity": entities[j],
                         "timestamp": format_timestamp(int(timestamps[j])),
-                        "score": float(result.score[j]) if has_score else None,
-                        "threshold": float(result.threshold[j]) if has_score else None,
+                        "score": _json_number(result.score[j]),
+                        "threshold": _json_number(result.threshold[j]),
                         "severity": SEVERITY_NAMES[int(result.severity[j])],
                         "alert_id": result.alert_ids[j],
-                    }
+                    },
+                    allow_nan=False,
                 )
             )
         if lines:
@@ -491,8 +506,9 @@ class Daemon:
     def reload(self) -> tuple[bool, str]:
         """Re-read the config file and apply new thresholds and alert policies.
 
-        Windows are kept. Anything else that changed (mapping, model, Kafka, sinks) needs a
-        restart and is reported. An invalid file changes nothing.
+        Windows and alert state are kept (see `Pipeline.reconfigure`). Anything else that
+        changed (mapping, model, Kafka, sinks) needs a restart and is reported. An invalid file
+        changes nothing.
         """
         if self.config_path is None:
             return False, "no config file to reload"
@@ -511,13 +527,15 @@ class Daemon:
         changed = []
         for name, rt in self.runtimes.items():
             stream = streams[name]
-            if stream.thresholds != rt.stream.thresholds or stream.alerts != rt.stream.alerts:
-                rt.pipeline.reconfigure(stream)
-                changed.append(name)
             rest = {"thresholds", "alerts"}
             if stream.model_dump(exclude=rest) != rt.stream.model_dump(exclude=rest):
                 log.warning("stream %s: changes other than thresholds and alerts take effect after a restart", name)
-            rt.stream = rt.stream.model_copy(update={"thresholds": stream.thresholds, "alerts": stream.alerts})
+            # Only thresholds and alerts change: the pipeline must not pick up, say, a new mapping.
+            applied = rt.stream.model_copy(update={"thresholds": stream.thresholds, "alerts": stream.alerts})
+            if applied.thresholds != rt.stream.thresholds or applied.alerts != rt.stream.alerts:
+                rt.pipeline.reconfigure(applied)
+                changed.append(name)
+            rt.stream = applied
         self.metrics.reloads.labels("success").inc()
         self.metrics.reload_success.set(1)
         message = f"reloaded; new thresholds/alert policy for: {', '.join(changed) or 'none (unchanged)'}"

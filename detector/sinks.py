@@ -41,7 +41,7 @@ class SinkError(RuntimeError):
 
 
 def alert_json(alert: Alert) -> bytes:
-    return json.dumps(alert.to_dict(), separators=(",", ":")).encode()
+    return json.dumps(alert.to_dict(), separators=(",", ":"), allow_nan=False).encode()
 
 
 # --- Kafka -------------------------------------------------------------------------------
@@ -60,24 +60,26 @@ class KafkaAlertSink:
         self.timeout_s = timeout_s
 
     def emit(self, alerts: Sequence[Alert]) -> None:
-        futures = [
-            self.producer.send(
-                self.topic,
-                key=alert.entity.encode(),
-                value=alert_json(alert),
-                headers=[("detector.alert_id", alert.id.encode()), ("detector.status", alert.status.encode())],
-            )
-            for alert in alerts
-        ]
-        if not futures:
+        """Raises SinkError unless the broker acknowledged every alert."""
+        if not alerts:
             return
-        self.producer.flush(timeout=self.timeout_s)
-        for future in futures:
-            try:
+        # `send` itself can raise too (no metadata within max_block_ms, a record too large).
+        try:
+            futures = [
+                self.producer.send(
+                    self.topic,
+                    key=alert.entity.encode(),
+                    value=alert_json(alert),
+                    headers=[("detector.alert_id", alert.id.encode()), ("detector.status", alert.status.encode())],
+                )
+                for alert in alerts
+            ]
+            self.producer.flush(timeout=self.timeout_s)
+            for future in futures:
                 future.get(timeout=self.timeout_s)
-            except Exception as exc:
-                self.metrics.sink_failures.labels(self.kind).inc()
-                raise SinkError(f"alerts topic {self.topic}: delivery failed: {exc}") from exc
+        except Exception as exc:
+            self.metrics.sink_failures.labels(self.kind).inc()
+            raise SinkError(f"alerts topic {self.topic}: delivery failed: {exc!r}") from exc
         self.metrics.sink_deliveries.labels(self.kind).inc(len(futures))
 
     def close(self) -> None:
@@ -106,7 +108,10 @@ class DeadLetterWriter:
             ("detector.source.partition", str(record.partition).encode()),
             ("detector.source.offset", str(record.offset).encode()),
         ]
-        future = self.producer.send(self.topic, key=record.key, value=record.value, headers=headers)
+        try:
+            future = self.producer.send(self.topic, key=record.key, value=record.value, headers=headers)
+        except Exception as exc:
+            raise SinkError(f"dead-letter topic {self.topic}: delivery failed: {exc!r}") from exc
         self._pending.append((future, stream, rejection.reason))
 
     def flush(self) -> None:
@@ -114,12 +119,13 @@ class DeadLetterWriter:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        self.producer.flush(timeout=self.timeout_s)
-        for future, stream, reason in pending:
-            try:
+        try:
+            self.producer.flush(timeout=self.timeout_s)
+            for future, _, _ in pending:
                 future.get(timeout=self.timeout_s)
-            except Exception as exc:
-                raise SinkError(f"dead-letter topic {self.topic}: delivery failed: {exc}") from exc
+        except Exception as exc:
+            raise SinkError(f"dead-letter topic {self.topic}: delivery failed: {exc!r}") from exc
+        for _, stream, reason in pending:
             self.metrics.dead_letters.labels(stream, reason).inc()
 
 
@@ -128,7 +134,7 @@ class DeadLetterWriter:
 
 def post_json(url: str, body: Any, headers: dict[str, str], timeout_s: float) -> None:
     """POST `body` as JSON; raises on a connection error or an HTTP status >= 400."""
-    data = json.dumps(body, separators=(",", ":")).encode()
+    data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
     request = urllib.request.Request(
         url, data=data, method="POST", headers={"Content-Type": "application/json", **headers}
     )
@@ -252,6 +258,12 @@ def _iso(ms: int) -> str:
     return format_timestamp(ms)
 
 
+def _iso_past(ms: int) -> str:
+    """An event time for Alertmanager, never in the future: a producer clock running ahead of
+    ours would otherwise give startsAt after endsAt, which Alertmanager refuses with a 400."""
+    return format_timestamp(min(ms, int(time.time() * 1000)))
+
+
 class AlertmanagerSink(_QueuedDelivery):
     """Alertmanager API v2 (`POST <url>/api/v2/alerts`).
 
@@ -299,7 +311,7 @@ class AlertmanagerSink(_QueuedDelivery):
                 "window_start": _iso(alert.window_start_ms),
                 "window_end": _iso(alert.window_end_ms),
             },
-            "startsAt": _iso(alert.window_end_ms),
+            "startsAt": _iso_past(alert.window_end_ms),
         }
         if self.config.generator_url:
             out["generatorURL"] = self.config.generator_url
@@ -318,7 +330,7 @@ class AlertmanagerSink(_QueuedDelivery):
                 old = self._active.pop(key, None)
                 if old is not None:
                     # Resolved, or replaced by a new firing event (an escalation): end the old one.
-                    payload.append({**old, "endsAt": _iso(max(alert.window_end_ms, 0))})
+                    payload.append({**old, "endsAt": _iso_past(max(alert.window_end_ms, 0))})
                 if alert.status == "firing":
                     self._active[key] = self._firing(alert)
                     payload.append({**self._active[key], "endsAt": self._expiry()})
@@ -326,7 +338,7 @@ class AlertmanagerSink(_QueuedDelivery):
                     # A resolve for an alert this process never saw fire (it fired before a restart).
                     ended = self._firing(alert)
                     ended["annotations"]["alert_id"] = alert.resolves or alert.id
-                    payload.append({**ended, "endsAt": _iso(alert.window_end_ms)})
+                    payload.append({**ended, "endsAt": _iso_past(alert.window_end_ms)})
         self._enqueue(payload, len(alerts))
 
     def restore(self, alerts: Sequence[Alert]) -> None:

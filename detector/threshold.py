@@ -121,11 +121,25 @@ class Severities:
 
 
 class SeverityRules:
-    """The warning rule and the optional critical rule of one stream."""
+    """The warning rule and the optional critical rule of one stream.
 
-    def __init__(self, config: Thresholds, errors: ErrorStats) -> None:
-        self.warning = build_rule(config.warning, errors)
-        self.critical = build_rule(config.critical, errors) if config.critical is not None else None
+    With `previous` (the rules in use before a reload), a severity whose rule is unchanged
+    keeps its rule object, and so a dynamic threshold keeps its per-entity statistics; a
+    changed rule starts afresh.
+    """
+
+    def __init__(self, config: Thresholds, errors: ErrorStats, previous: SeverityRules | None = None) -> None:
+        self.config = config
+        self.warning: ThresholdRule
+        if previous is not None and previous.config.warning == config.warning:
+            self.warning = previous.warning
+        else:
+            self.warning = build_rule(config.warning, errors)
+        self.critical: ThresholdRule | None
+        if previous is not None and previous.config.critical == config.critical:
+            self.critical = previous.critical
+        else:
+            self.critical = build_rule(config.critical, errors) if config.critical is not None else None
 
     def apply(self, slots: np.ndarray, scores: np.ndarray, update: bool = True) -> Severities:
         warn = self.warning.apply(slots, scores, update)

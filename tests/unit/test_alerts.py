@@ -215,6 +215,80 @@ def test_resolve_after_escalation_points_at_the_latest_firing_id() -> None:
     assert warning.id != critical.id
 
 
+def test_escalation_names_what_it_replaces_and_the_resolve_ends_every_id() -> None:
+    # A consumer that tracks open alerts by id must be able to close both: the escalation
+    # says which id it supersedes, and the resolve lists every id of the incident.
+    events, _, _ = Driver(n=3, m=5).feed([1, 1, 1, 2, 0, 0, 0, 0, 0])
+    warning, critical, resolved = (e.to_dict() for e in events)
+    assert "replaces" not in warning and "ends" not in warning
+    assert critical["replaces"] == warning["id"]
+    assert resolved["resolves"] == critical["id"]
+    assert resolved["ends"] == [warning["id"], critical["id"]]
+    # Without an escalation the resolve ends just the one id.
+    events, _, _ = Driver(n=3, m=5).feed([1, 1, 1, 0, 0, 0, 0, 0])
+    firing, resolved_alone = events
+    assert resolved_alone.ends == (firing.id,)
+    assert firing.replaces is None
+
+
+def test_firing_score_and_threshold_match_the_severity_reported() -> None:
+    # The critical window is two windows back when the entity fires on a warning window: the
+    # alert says critical, so its score and threshold are those of the critical window.
+    events, _, end_ms = Driver(n=3, m=5).feed([2, 0, 1, 1])
+    (alert,) = events
+    assert alert.severity == "critical"
+    assert alert.score == pytest.approx(5.0)  # the critical window's score (Driver: 5 + index·1e-3)
+    assert alert.threshold == 4.0  # the critical threshold, not the warning one (1.0)
+    assert alert.score > alert.threshold
+    assert alert.window_end_ms == end_ms[3]  # still the window that fired
+
+
+# --- reconfigure -----------------------------------------------------------------------------
+
+
+def test_reconfigure_keeps_an_open_incident_and_resolves_it_under_the_new_rules() -> None:
+    driver = Driver(n=3, m=5, cooldown_s=0)
+    (firing,), _, _ = driver.feed([1, 1, 1, 0, 0])
+    driver.policy = driver.policy.reconfigured(PolicyConfig(n=2, m=4, resolve_after=3, cooldown_s=0))
+    events, ids, _ = driver.feed([0, 0, 0])
+    # The two normal windows before the reload count towards the new resolve_after (3).
+    assert [(e.status, e.resolves, e.ends) for e in events] == [("resolved", firing.id, (firing.id,))]
+    assert ids == [None] * 3
+
+
+def test_reconfigure_keeps_escalation_ids_and_severity() -> None:
+    driver = Driver(n=3, m=5)
+    warning, critical = driver.feed([1, 1, 1, 2])[0]
+    driver.policy = driver.policy.reconfigured(PolicyConfig(n=3, m=5, resolve_after=2))
+    events, _, _ = driver.feed([2, 1, 0, 0])
+    # No second firing for the same incident after the reload, and the resolve ends both ids.
+    ((resolved),) = events
+    assert resolved.severity == "critical"
+    assert resolved.ends == (warning.id, critical.id)
+
+
+@pytest.mark.parametrize(("new_m", "fires"), [(3, False), (8, True)])
+def test_reconfigure_truncates_or_extends_the_history_to_the_new_m(new_m: int, fires: bool) -> None:
+    # Two anomalous windows four and five windows back, then one now: with m = 3 only the
+    # latest counts; with m = 8 all three are within the last m and n = 3 fires.
+    driver = Driver(n=3, m=6)
+    assert driver.feed([1, 1, 0, 0, 0])[0] == []
+    driver.policy = driver.policy.reconfigured(PolicyConfig(n=3, m=new_m))
+    events, _, _ = driver.feed([1])
+    assert bool(events) == fires
+
+
+def test_reconfigure_applies_the_new_cooldown_from_the_last_resolve() -> None:
+    driver = Driver(n=1, m=1, cooldown_s=100)
+    events, _, end_ms = driver.feed([1, 0])
+    resolved_at = int(end_ms[1])
+    assert [e.status for e in events] == ["firing", "resolved"]
+    driver.policy = driver.policy.reconfigured(PolicyConfig(n=1, m=1, cooldown_s=5))
+    events, _, end_ms = driver.feed([1] * 10)
+    assert [e.status for e in events] == ["firing"]
+    assert events[0].window_end_ms == resolved_at + 5_000
+
+
 # --- cooldown ------------------------------------------------------------------------------
 
 
@@ -342,9 +416,10 @@ def test_to_dict_has_every_field() -> None:
         "model_version": "web-20240101T000000Z-abcd1234",
     }
     data = json.loads(json.dumps(resolved.to_dict()))
-    assert set(data) == EXPECTED_KEYS | {"resolves"}
+    assert set(data) == EXPECTED_KEYS | {"resolves", "ends"}
     assert data["status"] == "resolved"
     assert data["resolves"] == firing.id
+    assert data["ends"] == [firing.id]
     assert data["window_end"] == "2013-12-02T21:16:01.234Z"
     assert [f["name"] for f in data["top_features"]] == ["disk", "cpu"]
 
@@ -357,6 +432,28 @@ def test_to_dict_keeps_small_scores_distinguishable() -> None:
     data = tiny.to_dict()
     assert data["score"] > data["threshold"] > 0
     assert data["score"] == pytest.approx(3.2e-7, rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_numbers_become_null_in_every_json_sink(
+    bad: float, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    alert = replace(sample_alerts()[0], score=bad, threshold=np.inf, top_features=(("mem", bad), ("cpu", 0.5)))
+    data = alert.to_dict()
+    assert data["score"] is None and data["threshold"] is None
+    assert data["top_features"] == [{"name": "mem", "error": None}, {"name": "cpu", "error": 0.5}]
+
+    def strict(text: str) -> object:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in alert JSON"))
+
+    path = tmp_path / "alerts.jsonl"
+    sink = JsonLinesSink(path)
+    sink.emit([alert])
+    sink.close()
+    assert strict(path.read_text()) == data
+    with caplog.at_level(logging.INFO, logger="detector.alerts"):
+        LogSink().emit([alert])
+    assert strict(caplog.records[-1].getMessage()) == data
 
 
 def test_top_features_are_sorted_by_error_and_limited() -> None:

@@ -321,3 +321,47 @@ def test_out_of_order_accepted_when_configured(checkpoint: Checkpoint) -> None:
     dropped = run(Pipeline("web", STREAM, checkpoint), swapped)
     assert len(dropped.rejected) == 3 * 119  # all but each entity's first (newest) sample
     assert dropped.windows == 0
+
+
+# --- reconfigure (reload) --------------------------------------------------------------------
+
+
+def test_reconfigure_mid_incident_keeps_alert_and_unchanged_threshold_state(checkpoint: Checkpoint) -> None:
+    live = live_data(stop=490)  # ends inside the spike's incident
+    following = live_data(seed=5, start=490, stop=530, spike=False)
+    reference = Pipeline("web", STREAM, checkpoint)
+    (firing,) = run(reference, live).alerts
+    expected = run(reference, following)
+
+    pipeline = Pipeline("web", STREAM, checkpoint)
+    run(pipeline, live)
+    # A new alert policy, the same thresholds: the open incident must still get its resolve,
+    # and the dynamic warning threshold carries on from its statistics.
+    pipeline.reconfigure(STREAM.model_copy(update={"alerts": STREAM.alerts.model_copy(update={"n": 2})}))
+    after = run(pipeline, following)
+    np.testing.assert_array_equal(after.threshold, expected.threshold)
+    assert [(a.status, a.resolves, a.ends) for a in after.alerts] == [("resolved", firing.id, (firing.id,))]
+    assert after.alerts == expected.alerts
+
+
+def test_reconfigure_restarts_only_the_threshold_rule_that_changed(checkpoint: Checkpoint) -> None:
+    live = live_data(stop=490)
+    following = live_data(seed=5, start=490, stop=530, spike=False)
+    reference = Pipeline("web", STREAM, checkpoint)
+    run(reference, live)
+    pipeline = Pipeline("web", STREAM, checkpoint)
+    run(pipeline, live)
+    warning = STREAM.thresholds.warning.model_copy(update={"k": 5})
+    pipeline.reconfigure(
+        STREAM.model_copy(update={"thresholds": STREAM.thresholds.model_copy(update={"warning": warning})})
+    )
+    expected = run(reference, following)
+    after = run(pipeline, following)
+    # The new warning rule starts afresh: the population threshold until its warmup...
+    population = checkpoint.errors.mean + 5 * checkpoint.errors.std
+    # (Not the spiked entity: its windows are still critical and report the critical threshold.)
+    first = [rows_of(following, e)[0] for e in ENTITIES if e != SPIKE_ENTITY]
+    np.testing.assert_allclose(after.threshold[first], population)
+    assert not np.array_equal(after.threshold, expected.threshold)
+    # ...while the unchanged critical rule (and its severities) are the same as before.
+    np.testing.assert_array_equal(after.severity == CRITICAL, expected.severity == CRITICAL)

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ from detector.errors import ConfigError
 from detector.metrics import HealthServer, Metrics
 from detector.model import save_checkpoint
 from detector.service import Daemon, consumer_settings, kafka_streams, producer_settings
+from detector.sinks import KafkaAlertSink
 from detector.source import SampleBatch
 from detector.train import fit
 
@@ -113,9 +118,10 @@ def test_run_exits_2_on_a_bad_config_or_a_missing_checkpoint(
     assert "model.pt not found" in capsys.readouterr().err
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Daemon:
-    config_path = write(tmp_path / "c.yaml", {"streams": {"web": STREAM}, "server": {"enabled": False}})
+def build_daemon(tmp_path: Path, **sections: Any) -> Daemon:
+    """A daemon (not opened) over STREAM with a freshly trained checkpoint."""
+    data: dict[str, Any] = {"streams": {"web": STREAM}, "server": {"enabled": False}, **sections}
+    config_path = write(tmp_path / "c.yaml", data)
     config = load_config(config_path)
     stream: Stream = config.streams["web"]
     t = np.arange(200)
@@ -125,6 +131,11 @@ def daemon(tmp_path: Path) -> Daemon:
     return Daemon(config, config_path, CollectorRegistry())
 
 
+@pytest.fixture
+def daemon(tmp_path: Path) -> Daemon:
+    return build_daemon(tmp_path)
+
+
 def test_reload_applies_thresholds_and_keeps_windows(daemon: Daemon) -> None:
     assert daemon.config_path is not None
     pipeline = daemon.runtimes["web"].pipeline
@@ -132,11 +143,14 @@ def test_reload_applies_thresholds_and_keeps_windows(daemon: Daemon) -> None:
     changed = yaml.safe_load(daemon.config_path.read_text())
     changed["streams"]["web"]["thresholds"] = {"warning": {"rule": "static", "value": 5.0}}
     changed["streams"]["web"]["alerts"] = {"n": 1, "m": 2}
+    changed["streams"]["web"]["mapping"]["out_of_order"] = "accept"  # needs a restart: not applied
     write(daemon.config_path, changed)
     ok, message = daemon.reload()
     assert ok, message
     assert "web" in message
     assert daemon.runtimes["web"].pipeline.windows is windows
+    assert daemon.runtimes["web"].pipeline.stream.mapping.out_of_order == "drop"
+    assert daemon.runtimes["web"].stream.mapping.out_of_order == "drop"
     assert daemon.runtimes["web"].pipeline.policy.config.n == 1
     assert daemon.runtimes["web"].stream.thresholds.warning.rule == "static"
     registry = daemon.registry
@@ -159,6 +173,78 @@ def test_an_invalid_reload_keeps_the_running_config(daemon: Daemon) -> None:
     write(daemon.config_path, extra)
     ok, message = daemon.reload()
     assert not ok and "add or remove" in message
+
+
+class FakeConsumer:
+    """Stands in for KafkaConsumer: hands out `batches` (one per poll), records commits."""
+
+    def __init__(self, batches: list[list[Any]], daemon: Daemon) -> None:
+        self.batches = batches
+        self.daemon = daemon
+        self.commits: list[dict[Any, int]] = []
+        self.closed = False
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[Any]]:
+        if not self.batches:
+            self.daemon.stop()
+            return {}
+        return {("metrics", 0): self.batches.pop(0)}
+
+    def commit(self, offsets: dict[Any, Any]) -> None:
+        self.commits.append({(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items()})
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class UnacknowledgingProducer:
+    """A KafkaProducer whose broker never acknowledges: each send's future fails."""
+
+    def send(self, topic: str, **kwargs: Any) -> Any:
+        def fail(timeout: float | None = None) -> None:
+            raise TimeoutError("no acknowledgement from the broker")
+
+        return SimpleNamespace(get=fail)
+
+    def flush(self, timeout: float | None = None) -> None:
+        pass
+
+
+def test_a_failing_alerts_topic_stops_the_daemon_without_committing_the_batch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every window fires (static threshold 0, 1 of 1): the batch that completes the first
+    # window (4 samples) has an alert, and the alerts topic fails to take it.
+    daemon = build_daemon(tmp_path, scoring={"batch_records": 3, "batch_wait_ms": 1})
+    assert daemon.config_path is not None
+    config = yaml.safe_load(daemon.config_path.read_text())
+    config["streams"]["web"]["thresholds"] = {"warning": {"rule": "static", "value": 0.0}}
+    config["streams"]["web"]["alerts"] = {"n": 1, "m": 1}
+    write(daemon.config_path, config)
+    assert daemon.reload()[0]
+
+    def record(offset: int) -> SimpleNamespace:
+        value = json.dumps({"host": "h", "timestamp": 60 * offset, "cpu": 0.5}).encode()
+        return SimpleNamespace(topic="metrics", partition=0, offset=offset, key=b"h", value=value, timestamp=0)
+
+    consumer = FakeConsumer([[record(0), record(1), record(2)], [record(3), record(4)]], daemon)
+    daemon.consumer = consumer
+    daemon.sinks = [KafkaAlertSink(UnacknowledgingProducer(), "alerts", daemon.metrics, timeout_s=0.1)]
+    with caplog.at_level(logging.ERROR, logger="detector.service"):
+        code = daemon.run()
+    assert code == 1
+    assert consumer.commits == [{("metrics", 0): 3}]  # the first batch only: it raised no alert
+    assert consumer.closed
+    assert daemon.registry.get_sample_value("detector_sink_failures_total", {"sink": "kafka"}) == 1
+    assert (
+        daemon.registry.get_sample_value(
+            "detector_alerts_total", {"stream": "web", "severity": "warning", "status": "firing"}
+        )
+        == 1
+    )
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "alerts topic alerts: delivery failed" in message
+    assert "not committed" in message
 
 
 def get(url: str, method: str = "GET") -> tuple[int, str]:

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any
@@ -214,6 +215,37 @@ def test_alertmanager_escalation_ends_the_warning_alert(receiver: Receiver, metr
     assert [(a["labels"]["severity"], a["endsAt"] < "2025") for a in second] == [("warning", True), ("critical", False)]
 
 
+def test_alertmanager_ends_both_alerts_of_an_escalated_incident(receiver: Receiver, metrics: Metrics) -> None:
+    sink = AlertmanagerSink(AlertmanagerSinkConfig(url=receiver.url, resend_interval_s=60), metrics)
+    warning = alert("db", severity="warning", end_ms=1_700_000_060_000)
+    critical = replace(alert("db", severity="critical", end_ms=1_700_000_120_000), replaces=warning.id)
+    resolved = replace(
+        alert("db", "resolved", severity="critical", end_ms=1_700_000_600_000, resolves=critical.id),
+        ends=(warning.id, critical.id),
+    )
+    sink.emit([warning, critical, resolved])
+    receiver.wait(1)
+    sink.close()
+    sent = [a for _, body in receiver.posts for a in body]
+    ended = {a["annotations"]["alert_id"]: a["endsAt"] for a in sent if a["endsAt"] < "2025"}
+    assert ended == {warning.id: "2023-11-14T22:15:20.000Z", critical.id: "2023-11-14T22:23:20.000Z"}
+
+
+def test_alertmanager_never_gets_event_times_in_the_future(receiver: Receiver, metrics: Metrics) -> None:
+    # A producer clock an hour ahead: startsAt after endsAt would be refused with a 400 and lost.
+    sink = AlertmanagerSink(AlertmanagerSinkConfig(url=receiver.url, resend_interval_s=60), metrics)
+    ahead_ms = int(time.time() * 1000) + 3_600_000
+    firing = alert("db", end_ms=ahead_ms)
+    sink.emit([firing, alert("db", "resolved", end_ms=ahead_ms + 60_000, resolves=firing.id)])
+    receiver.wait(1)
+    sink.close()
+    (first, ended) = [a for _, body in receiver.posts for a in body]
+    now = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + 1))
+    assert first["startsAt"] <= now < first["endsAt"]
+    assert ended["startsAt"] <= ended["endsAt"] <= now
+    assert first["annotations"]["window_end"] > now  # the annotation keeps the real event time
+
+
 def test_alertmanager_restore_resends_without_sending_at_once(receiver: Receiver, metrics: Metrics) -> None:
     sink = AlertmanagerSink(AlertmanagerSinkConfig(url=receiver.url, resend_interval_s=0.2), metrics)
     sink.restore([alert("a"), alert("b"), alert("b", "resolved", end_ms=1_700_000_600_000)])
@@ -260,6 +292,47 @@ def test_kafka_sink_keys_by_entity_and_fails_loudly(metrics: Metrics) -> None:
     with pytest.raises(SinkError, match="no leader"):
         failing.emit([alert()])
     assert value(metrics, "detector_sink_failures_total", sink="kafka") == 1
+
+
+def test_kafka_sink_turns_a_failing_send_or_flush_into_a_sink_error(metrics: Metrics) -> None:
+    # kafka-python raises from `send` (no metadata within max_block_ms, a record too large)
+    # and from `flush` (timeout), not only through the futures.
+    class Raising(FakeProducer):
+        def __init__(self, where: str) -> None:
+            super().__init__()
+            self.where = where
+
+        def send(self, topic: str, key: Any = None, value: Any = None, headers: Any = None) -> FakeFuture:
+            if self.where == "send":
+                raise TimeoutError("no metadata for topic")
+            return super().send(topic, key, value, headers)
+
+        def flush(self, timeout: float | None = None) -> None:
+            if self.where == "flush":
+                raise TimeoutError("flush timed out")
+
+    for where in ("send", "flush"):
+        with pytest.raises(SinkError, match="alerts topic alerts: delivery failed"):
+            KafkaAlertSink(Raising(where), "alerts", metrics).emit([alert()])
+    assert value(metrics, "detector_sink_failures_total", sink="kafka") == 2
+    assert value(metrics, "detector_sink_deliveries_total", sink="kafka") == 0
+    writer = DeadLetterWriter(Raising("send"), "dead", metrics)
+    record = SimpleNamespace(topic="m", partition=0, offset=1, key=None, value=b"x", headers=None)
+    with pytest.raises(SinkError, match="dead-letter topic dead"):
+        writer.send(record, "hosts", Rejection(0, "invalid_json", "bad"))
+
+
+def test_json_sinks_refuse_nan_and_infinity(receiver: Receiver, metrics: Metrics) -> None:
+    bad = replace(alert(), score=float("inf"), threshold=float("nan"))
+    producer = FakeProducer()
+    KafkaAlertSink(producer, "alerts", metrics).emit([bad])
+    sent = json.loads(producer.sent[0][2], parse_constant=lambda c: pytest.fail(f"{c} in alert JSON"))
+    assert (sent["score"], sent["threshold"]) == (None, None)
+    sink = WebhookSink(WebhookSinkConfig(url=receiver.url), metrics)
+    sink.emit([bad])
+    ((_, body),) = receiver.wait(1)
+    sink.close()
+    assert body == [sent]
 
 
 def test_dead_letters_keep_the_record_and_add_headers(metrics: Metrics) -> None:
