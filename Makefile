@@ -30,9 +30,10 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
-# promtool and amtool from Debian's prometheus packages, unpacked into .venv/tools (nothing is
-# installed system-wide, no service starts). Optional and explicit: `make test` never downloads
-# them, and tests/unit/test_deploy.py runs them when they are here or on PATH.
+# prometheus, promtool, alertmanager and amtool from Debian's packages, unpacked into .venv/tools
+# (nothing is installed system-wide, no service starts). Optional and explicit: `make test` never
+# downloads them; tests/unit/test_deploy.py and tests/integration/test_prometheus.py use them
+# when they are here or on PATH, and skip with the reason when not.
 TOOLS := $(VENV)/tools
 deploy-tools:
 	rm -rf $(TOOLS) && mkdir -p $(TOOLS)/debs
