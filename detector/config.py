@@ -182,7 +182,9 @@ class DynamicRule(_Model):
 
     Until an entity has `warmup` scores, the population threshold from the training
     errors (validation mean + k·std) applies. Scores above the threshold do not update the
-    statistics, so a long anomaly does not teach the rule that it is normal.
+    statistics, so a short anomaly does not teach the rule that it is normal; with
+    `regime_after`, a run of that many does (a regime change: the statistics restart from
+    the run's scores).
     """
 
     rule: Literal["dynamic"]
@@ -191,6 +193,9 @@ class DynamicRule(_Model):
     alpha: float = Field(0.01, gt=0, le=1)
     window: int = Field(500, ge=2, le=100_000)
     warmup: int = Field(100, ge=0)
+    # Regime change: after this many scores in a row above the threshold, the entity's
+    # statistics restart from those scores (a persistent new level becomes the normal one).
+    regime_after: int | None = Field(None, ge=1, le=100_000)
 
 
 Rule = Annotated[StaticRule | QuantileRule | DynamicRule, Field(discriminator="rule")]
@@ -228,7 +233,8 @@ class Thresholds(_Model):
 def _same_statistics(a: DynamicRule, b: DynamicRule) -> bool:
     """Whether two dynamic rules track the same mean and std (then only `k` differs)."""
     smoothing = a.alpha == b.alpha if a.method == "ewma" else a.window == b.window
-    return a.method == b.method and smoothing and a.warmup == b.warmup
+    same = (a.warmup, a.regime_after) == (b.warmup, b.regime_after)
+    return a.method == b.method and smoothing and same
 
 
 class AlertPolicy(_Model):

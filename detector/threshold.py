@@ -37,6 +37,11 @@ class DynamicThreshold:
     the last `window` normal scores. Until an entity has `warmup` normal scores, the
     population threshold (validation mean + k·std) applies. A score above its threshold
     does not update the statistics.
+
+    With `regime_after` = R, R scores in a row above the threshold are a regime change: the
+    entity's statistics restart from exactly those R scores (as if they were its first
+    normal scores, and warm from then on), so a persistent new level stops being anomalous
+    instead of keeping an alert open for ever.
     """
 
     def __init__(self, rule: DynamicRule, population: ErrorStats) -> None:
@@ -46,51 +51,76 @@ class DynamicThreshold:
         self._mean = np.zeros(0, np.float64)
         self._var = np.zeros(0, np.float64)
         self._ring = np.zeros((0, rule.window if rule.method == "rolling" else 0), np.float64)
+        # Regime-change state: the current run of scores above the threshold, and whether the
+        # statistics were restarted (then warm whatever `warmup` says).
+        self._run = np.zeros(0, np.int64)
+        self._pending = np.zeros((0, rule.regime_after or 0), np.float64)
+        self._rebased = np.zeros(0, np.bool_)
 
     def _ensure(self, slots: np.ndarray) -> None:
         need = int(slots.max()) + 1 if len(slots) else 0
         if need <= len(self._n):
             return
         size = max(need, 2 * len(self._n))
-        for name in ("_n", "_mean", "_var", "_ring"):
+        for name in ("_n", "_mean", "_var", "_ring", "_run", "_pending", "_rebased"):
             old = getattr(self, name)
             new = np.zeros((size, *old.shape[1:]), old.dtype)
             new[: len(old)] = old
             setattr(self, name, new)
 
+    def _accept(self, slot: int, x: float) -> None:
+        """Update one slot's statistics with one normal score."""
+        n = int(self._n[slot])
+        mean, var = float(self._mean[slot]), float(self._var[slot])
+        if self.rule.method == "rolling":
+            window, ring = self.rule.window, self._ring
+            count = min(n, window)
+            if n >= window:
+                old = ring[slot, n % window]
+                new_mean = mean + (x - old) / window
+                var = max(var + ((x - old) * (x - new_mean + old - mean)) / window, 0.0)
+            else:
+                new_mean = mean + (x - mean) / (count + 1)
+                var = (var * count + (x - mean) * (x - new_mean)) / (count + 1)
+            ring[slot, n % window] = x
+            mean = new_mean
+        else:
+            a = max(self.rule.alpha, 1.0 / (n + 1))
+            delta = x - mean
+            mean += a * delta
+            var = (1.0 - a) * (var + a * delta * delta)
+        self._n[slot], self._mean[slot], self._var[slot] = n + 1, mean, var
+
     def apply(self, slots: np.ndarray, scores: np.ndarray, update: bool = True) -> np.ndarray:
         self._ensure(slots)
         out = np.empty(len(scores), np.float64)
         k, warmup, population = self.rule.k, self.rule.warmup, self.population
-        rolling = self.rule.method == "rolling"
-        window, alpha = self.rule.window, self.rule.alpha
-        n_arr, mean_arr, var_arr, ring = self._n, self._mean, self._var, self._ring
+        regime_after = self.rule.regime_after
+        n_arr, mean_arr, var_arr = self._n, self._mean, self._var
         # Sequential on purpose: each score's threshold depends on the scores before it.
         for i in range(len(scores)):
             slot, x = int(slots[i]), float(scores[i])
             n = int(n_arr[slot])
-            mean, var = mean_arr[slot], var_arr[slot]
-            threshold = population if n < warmup or n == 0 else mean + k * var**0.5
+            cold = n == 0 or (n < warmup and not self._rebased[slot])
+            threshold = population if cold else mean_arr[slot] + k * var_arr[slot] ** 0.5
             out[i] = threshold
-            if not update or x > threshold:
+            if not update:
                 continue
-            if rolling:
-                count = min(n, window)
-                if n >= window:
-                    old = ring[slot, n % window]
-                    new_mean = mean + (x - old) / window
-                    var = max(var + ((x - old) * (x - new_mean + old - mean)) / window, 0.0)
-                else:
-                    new_mean = mean + (x - mean) / (count + 1)
-                    var = (var * count + (x - mean) * (x - new_mean)) / (count + 1)
-                ring[slot, n % window] = x
-                mean = new_mean
-            else:
-                a = max(alpha, 1.0 / (n + 1))
-                delta = x - mean
-                mean += a * delta
-                var = (1.0 - a) * (var + a * delta * delta)
-            n_arr[slot], mean_arr[slot], var_arr[slot] = n + 1, mean, var
+            if x <= threshold:
+                self._run[slot] = 0
+                self._accept(slot, x)
+            elif regime_after is not None:
+                run = int(self._run[slot])
+                self._pending[slot, run] = x
+                run += 1
+                if run == regime_after:
+                    # A new regime: forget the old statistics, learn the run, oldest first.
+                    n_arr[slot], mean_arr[slot], var_arr[slot] = 0, 0.0, 0.0
+                    for pending in self._pending[slot].tolist():
+                        self._accept(slot, pending)
+                    self._rebased[slot] = True
+                    run = 0
+                self._run[slot] = run
         return out
 
 

@@ -245,6 +245,14 @@ def test_window_size_path_and_message() -> None:
     assert only_problem(data) == "streams.web.window.size: Input should be greater than or equal to 2"
 
 
+def test_regime_after_must_be_positive() -> None:
+    data = base()
+    data["streams"]["web"]["thresholds"] = {"warning": {"rule": "dynamic", "regime_after": 0}}
+    assert only_problem(data) == (
+        "streams.web.thresholds.warning.regime_after: Input should be greater than or equal to 1"
+    )
+
+
 def test_missing_required_key() -> None:
     data = base()
     del data["streams"]["web"]["mapping"]
@@ -356,6 +364,11 @@ def test_n_greater_than_m() -> None:
             {"rule": "dynamic", "method": "rolling", "window": 50, "k": 3},
             "critical k 3 must be above the warning k 3 (same rolling statistics)",
         ),
+        (
+            {"rule": "dynamic", "k": 4, "regime_after": 70},
+            {"rule": "dynamic", "k": 4, "regime_after": 70},
+            "critical k 4 must be above the warning k 4 (same ewma statistics)",
+        ),
     ],
 )
 def test_critical_never_above_warning_is_refused(warning: Any, critical: Any, message: str) -> None:
@@ -378,6 +391,7 @@ def test_critical_never_above_warning_is_refused(warning: Any, critical: Any, me
         # Different statistics: k alone does not order them.
         ({"rule": "dynamic", "k": 4}, {"rule": "dynamic", "k": 3, "alpha": 0.1}),
         ({"rule": "dynamic", "k": 4}, {"rule": "dynamic", "k": 3, "warmup": 10}),
+        ({"rule": "dynamic", "k": 4}, {"rule": "dynamic", "k": 3, "regime_after": 50}),
         ({"rule": "dynamic", "k": 4, "method": "rolling"}, {"rule": "dynamic", "k": 3}),
         # Mixed kinds are allowed: which is higher depends on the trained model's errors.
         ({"rule": "quantile", "q": 0.99}, {"rule": "static", "value": 0.001}),

@@ -215,6 +215,35 @@ def test_results_do_not_depend_on_the_batch_cut(checkpoint: Checkpoint, case: tu
     assert [a.status for a in whole.alerts] == ["firing", "resolved"]
 
 
+# The same stream with regime changes: the spike's run of anomalous windows restarts h1's statistics.
+REGIME_STREAM = STREAM.model_copy(
+    update={
+        "thresholds": STREAM.thresholds.model_copy(
+            update={"warning": STREAM.thresholds.warning.model_copy(update={"regime_after": 3})}
+        )
+    }
+)
+
+
+@settings(max_examples=20, deadline=None)
+@given(cut_cases())
+def test_regime_changes_do_not_depend_on_the_batch_cut(
+    checkpoint: Checkpoint, case: tuple[int, list[int], int]
+) -> None:
+    seed, cuts, batch_windows = case
+    batch = live_data(seed)
+    whole = run(Pipeline("web", REGIME_STREAM, checkpoint), batch)
+    cut = run(Pipeline("web", REGIME_STREAM, checkpoint, Scoring(batch_windows=batch_windows)), batch, cuts)
+    np.testing.assert_array_equal(cut.threshold, whole.threshold)
+    np.testing.assert_array_equal(cut.severity, whole.severity)
+    assert cut.alert_ids == whole.alert_ids
+    assert cut.alerts == whole.alerts
+    # A regime change did happen: the thresholds after the spike differ from the plain rule's.
+    plain = run(Pipeline("web", STREAM, checkpoint), batch)
+    h1 = rows_of(batch, SPIKE_ENTITY)
+    assert not np.array_equal(whole.threshold[h1], plain.threshold[h1], equal_nan=True)
+
+
 def test_each_entity_scores_the_same_whatever_the_interleaving(checkpoint: Checkpoint) -> None:
     assert live_data(0).entities != live_data(1).entities
     results = {}

@@ -26,14 +26,23 @@ def one_slot(scores: list[float]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rolling_reference(
-    slots: np.ndarray, scores: np.ndarray, k: float, window: int, warmup: int, population: float
+    slots: np.ndarray,
+    scores: np.ndarray,
+    k: float,
+    window: int,
+    warmup: int,
+    population: float,
+    regime_after: int | None = None,
 ) -> np.ndarray:
-    """The obvious implementation: keep every accepted score per slot in a list."""
+    """The obvious implementation: keep every accepted score per slot in a list; with
+    `regime_after`, a run of that many rejected scores replaces the list (and is warm)."""
     accepted: dict[int, list[float]] = defaultdict(list)
+    runs: dict[int, list[float]] = defaultdict(list)
+    rebased: set[int] = set()
     out = []
     for slot, x in zip(slots.tolist(), scores.tolist(), strict=True):
         history = accepted[slot]
-        if not history or len(history) < warmup:
+        if not history or (len(history) < warmup and slot not in rebased):
             threshold = population
         else:
             recent = np.asarray(history[-window:])
@@ -41,6 +50,12 @@ def rolling_reference(
         out.append(threshold)
         if x <= threshold:
             history.append(x)
+            runs[slot] = []
+        elif regime_after is not None:
+            runs[slot].append(x)
+            if len(runs[slot]) == regime_after:
+                accepted[slot], runs[slot] = runs[slot], []
+                rebased.add(slot)
     return np.asarray(out)
 
 
@@ -182,6 +197,62 @@ def test_rolling_variance_stays_accurate_over_a_long_run() -> None:
     assert np.mean(scores <= got) > 0.9  # most scores were accepted, so the window kept moving
 
 
+# --- dynamic: regime change ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ewma", "rolling"])
+def test_regime_change_restarts_the_statistics_from_the_run(method: str) -> None:
+    # k=1, warm-up 3 (population 1.5). Normal level ~1, then a persistent shift to ~10.
+    rule = dynamic(method=method, k=1.0, warmup=3, window=50, alpha=0.01, regime_after=3)
+    normal = [1.0, 1.2, 0.8, 1.0]
+    shifted = [10.0, 11.0, 12.0, 11.0, 10.5]
+    got = rule.apply(*one_slot([*normal, *shifted]))
+    before = float(np.mean(normal) + np.std(normal))
+    # The first three shifted scores meet the old threshold and are anomalous ...
+    np.testing.assert_allclose(got[4:7], before, rtol=1e-12)
+    assert np.all(np.asarray(shifted[:3]) > got[4:7])
+    # ... then the statistics are exactly those three scores: mean 11, std sqrt(2/3).
+    assert got[7] == pytest.approx(11.0 + (2 / 3) ** 0.5, rel=1e-12)
+    assert shifted[3] <= got[7]  # the new level is normal now
+    # Without `regime_after` the old threshold stays for ever.
+    stuck = dynamic(method=method, k=1.0, warmup=3, window=50, alpha=0.01).apply(*one_slot([*normal, *shifted]))
+    np.testing.assert_allclose(stuck[4:], before, rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["ewma", "rolling"])
+def test_regime_change_needs_an_unbroken_run(method: str) -> None:
+    # A normal score between spikes restarts the count: 2 + 2 spikes never make a run of 3.
+    rule = dynamic(method=method, k=1.0, warmup=3, window=50, alpha=0.01, regime_after=3)
+    got = rule.apply(*one_slot([1.0, 1.2, 0.8, 1.0, 9.0, 9.0, 1.0, 9.0, 9.0, 1.1, 0.0]))
+    accepted = [1.0, 1.2, 0.8, 1.0, 1.0]
+    assert got[9] == pytest.approx(np.mean(accepted) + np.std(accepted), rel=1e-9)
+    assert got[9] < 2.0
+
+
+def test_regime_change_before_warmup_is_warm() -> None:
+    # The run replaces the population threshold even when it is shorter than the warm-up.
+    rule = dynamic(method="ewma", k=2.0, warmup=100, alpha=0.01, regime_after=2)
+    got = rule.apply(*one_slot([5.0, 7.0, 0.0]))
+    np.testing.assert_array_equal(got[:2], [2.0, 2.0])  # population 1.0 + 2 * 0.5
+    assert got[2] == pytest.approx(6.0 + 2.0 * 1.0)
+
+
+@pytest.mark.parametrize(("window", "warmup", "regime_after"), [(5, 3, 4), (20, 10, 2), (4, 0, 1)])
+def test_rolling_regime_change_matches_reference(window: int, warmup: int, regime_after: int) -> None:
+    rng = np.random.default_rng(window * regime_after)
+    n = 500
+    slots = rng.integers(0, 2, n)
+    scores = rng.gamma(4.0, 0.25, n) + np.where(np.arange(n) > 250, 6.0, 0.0)  # a level shift
+    rule = dynamic(method="rolling", k=2.0, window=window, warmup=warmup, regime_after=regime_after)
+    expected = rolling_reference(slots, scores, 2.0, window, warmup, rule.population, regime_after)
+    got = rule.apply(slots, scores)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    # The shifted level became mostly normal; without regime changes it stays anomalous.
+    stuck = dynamic(method="rolling", k=2.0, window=window, warmup=warmup).apply(slots, scores)
+    assert np.mean(scores[-100:] > got[-100:]) < 0.5
+    assert np.mean(scores[-100:] > stuck[-100:]) == 1.0
+
+
 # --- dynamic: shared behaviour ---------------------------------------------------------------
 
 
@@ -248,6 +319,7 @@ def dynamic_cases(draw: st.DrawFn) -> tuple[DynamicRule, np.ndarray, np.ndarray,
         alpha=draw(st.floats(0.01, 1.0)),
         window=draw(st.integers(2, 8)),
         warmup=draw(st.integers(0, 6)),
+        regime_after=draw(st.none() | st.integers(1, 5)),
     )
     n = draw(st.integers(0, 80))
     slots = np.asarray(draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)), np.int64)

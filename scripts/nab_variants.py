@@ -1,0 +1,121 @@
+"""NAB scores of threshold and alert-policy variants without retraining.
+
+Thresholds and the alert policy do not change the model's scores, so one replay per series
+(cached under --cache: scores, timestamps and the validation errors) serves every variant.
+Each variant is a JSON object merged into the stream's config (`{"thresholds": {"warning":
+{"k": 5}}}`, `{"alerts": {"cooldown_s": 3600}}`); the scores it prints are the ones
+`detector evaluate nab` gives with that config (same pipeline code, same sweep). The cache
+holds the model's scores: delete it when the window, normalization, model or training
+settings change.
+
+    .venv/bin/python scripts/nab_variants.py --config configs/system-metrics.yaml \\
+        --cache build/nab-variants '{}' '{"alerts": {"cooldown_s": 86400}}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detector import evaluate as ev
+from detector.alerts import AlertPolicy
+from detector.config import Stream, load_config
+from detector.model import ErrorStats, load_checkpoint
+from detector.threshold import SeverityRules
+
+
+def cache_one(args: tuple[Path, Path, int, Path]) -> None:
+    """Replay one series (train on its probation rows) and store what the variants need."""
+    config_path, data, probation, dst = args
+    import torch
+
+    from detector.replay import TrainSplit, replay_file
+
+    torch.set_num_threads(1)
+    config = load_config(config_path)
+    _, stream = config.stream(None)
+    scores_csv = dst.with_suffix(".scores.csv")
+    replay_file(
+        config, None, data, scores_csv, split=TrainSplit(rows=probation), save_to=dst.with_suffix(".pt"), progress=False
+    )
+    replayed = ev.read_scores(scores_csv)
+    errors = load_checkpoint(dst.with_suffix(".pt"), stream).errors
+    with scores_csv.open() as f:
+        next(f)
+        stamps = [line.split(",")[2] for line in f]
+    ms = np.array([np.datetime64(t.rstrip("Z"), "ms").astype(np.int64) for t in stamps])
+    np.savez(dst.with_suffix(".npz"), score=replayed.score, ms=ms, errors=errors.sorted_errors,
+             mean=errors.mean, std=errors.std)  # fmt: skip
+
+
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def alert_values(stream: Stream, cached: Any, n_rows: int) -> np.ndarray:
+    """What `nab_values(..., "alerts")` gives for one series under `stream`'s thresholds and alerts."""
+    score, ms = cached["score"], cached["ms"]
+    rows = np.flatnonzero(~np.isnan(score))
+    scores, slots = score[rows], np.zeros(len(rows), np.int64)
+    errors = ErrorStats(cached["errors"], float(cached["mean"]), float(cached["std"]))
+    severities = SeverityRules(stream.thresholds, errors).apply(slots, scores)
+    policy = AlertPolicy("nab", stream.alerts, ["value"], "cached")
+    _, ids = policy.update(
+        slots, ["nab"] * len(rows), severities.severity, scores, severities.threshold,
+        np.zeros((len(rows), 1)), ms[rows], ms[rows],
+    )  # fmt: skip
+    firing = np.zeros(n_rows, bool)
+    previous = None
+    for row, alert in zip(rows, ids, strict=True):
+        firing[row] = alert is not None and previous is None
+        previous = alert
+    full_score, full_threshold = np.full(n_rows, np.nan), np.full(n_rows, np.nan)
+    full_score[rows], full_threshold[rows] = scores, severities.threshold
+    return np.where(firing, ev.confidence(full_score, full_threshold), 0.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path("configs/system-metrics.yaml"))
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--cache", type=Path, default=Path("build/nab-variants"))
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("variants", nargs="*", default=["{}"], help="JSON overrides of the stream config")
+    args = parser.parse_args()
+
+    corpus = ev.load_nab_series(args.data_dir)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    path_of = {s.name: args.cache / s.name.replace("/", "__").replace(".csv", "") for s, _ in corpus}
+    todo = [
+        (args.config, p, s.probation, path_of[s.name])
+        for s, p in corpus
+        if not path_of[s.name].with_suffix(".npz").exists()
+    ]
+    if todo:
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            list(pool.map(cache_one, todo))
+    _, base = load_config(args.config).stream(None)
+    print(f"{'variant':<70} {'standard':>8} {'low_FP':>7} {'low_FN':>7}")
+    for text in args.variants:
+        stream = Stream.model_validate(merged(base.model_dump(), json.loads(text)))
+        series = [s for s, _ in corpus]
+        values = [alert_values(stream, np.load(path_of[s.name].with_suffix(".npz")), s.n_rows) for s in series]
+        cells = []
+        for profile in ev.NAB_PROFILES:
+            rows = ev.sweep_rows(series, values, profile)
+            best = ev.best_threshold(ev.threshold_sweep(rows, profile))
+            cells.append(ev.normalized(best.score, rows.n_windows, profile))
+        print(f"{text:<70} {cells[0]:>8.1f} {cells[1]:>7.1f} {cells[2]:>7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
