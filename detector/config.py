@@ -178,7 +178,8 @@ class QuantileRule(_Model):
 
 
 class DynamicRule(_Model):
-    """mean + k·std of each entity's recent scores (EWMA or a rolling window).
+    """mean + k·std of each entity's recent scores (EWMA or a rolling window), or median +
+    k·1.4826·MAD of a rolling window (`median`, robust to heavy-tailed scores).
 
     Until an entity has `warmup` scores, the population threshold from the training
     errors (validation mean + k·std) applies. Scores above the threshold do not update the
@@ -188,7 +189,7 @@ class DynamicRule(_Model):
     """
 
     rule: Literal["dynamic"]
-    method: Literal["ewma", "rolling"] = "ewma"
+    method: Literal["ewma", "rolling", "median"] = "ewma"
     k: float = Field(4.0, gt=0)
     alpha: float = Field(0.01, gt=0, le=1)
     window: int = Field(500, ge=2, le=100_000)
@@ -196,6 +197,9 @@ class DynamicRule(_Model):
     # Regime change: after this many scores in a row above the threshold, the entity's
     # statistics restart from those scores (a persistent new level becomes the normal one).
     regime_after: int | None = Field(None, ge=1, le=100_000)
+    # Winsorized statistics: once warm, a normal score above mean + winsorize·std updates
+    # them as that value, so large errors below a larger threshold do not inflate it.
+    winsorize: float | None = Field(None, gt=0)
 
 
 Rule = Annotated[StaticRule | QuantileRule | DynamicRule, Field(discriminator="rule")]
@@ -233,7 +237,7 @@ class Thresholds(_Model):
 def _same_statistics(a: DynamicRule, b: DynamicRule) -> bool:
     """Whether two dynamic rules track the same mean and std (then only `k` differs)."""
     smoothing = a.alpha == b.alpha if a.method == "ewma" else a.window == b.window
-    same = (a.warmup, a.regime_after) == (b.warmup, b.regime_after)
+    same = (a.warmup, a.regime_after, a.winsorize) == (b.warmup, b.regime_after, b.winsorize)
     return a.method == b.method and smoothing and same
 
 

@@ -16,6 +16,7 @@ from detector.config import DynamicRule, QuantileRule, Rule, StaticRule, Thresho
 from detector.model import ErrorStats
 
 NONE, WARNING, CRITICAL = 0, 1, 2
+MAD_TO_STD = 1.4826  # the MAD of a normal distribution times this is its std
 SEVERITY_NAMES = ("none", "warning", "critical")
 
 
@@ -34,9 +35,12 @@ class DynamicThreshold:
 
     `ewma` keeps an exponentially weighted mean and variance (the first 1/alpha scores are
     averaged plainly, so the start is not biased towards the first score); `rolling` keeps
-    the last `window` normal scores. Until an entity has `warmup` normal scores, the
-    population threshold (validation mean + k·std) applies. A score above its threshold
-    does not update the statistics.
+    the last `window` normal scores; `median` uses the median and 1.4826·MAD of the last
+    `window` normal scores instead of mean and std. With `winsorize` = c, a warm entity's
+    normal score updates the statistics as at most mean + c·std (not during a regime
+    restart). Until an entity has `warmup` normal scores, the population threshold
+    (validation mean + k·std) applies. A score above its threshold does not update the
+    statistics.
 
     With `regime_after` = R, R scores in a row above the threshold are a regime change: the
     entity's statistics restart from exactly those R scores (as if they were its first
@@ -50,7 +54,7 @@ class DynamicThreshold:
         self._n = np.zeros(0, np.int64)
         self._mean = np.zeros(0, np.float64)
         self._var = np.zeros(0, np.float64)
-        self._ring = np.zeros((0, rule.window if rule.method == "rolling" else 0), np.float64)
+        self._ring = np.zeros((0, rule.window if rule.method in ("rolling", "median") else 0), np.float64)
         # Regime-change state: the current run of scores above the threshold, and whether the
         # statistics were restarted (then warm whatever `warmup` says).
         self._run = np.zeros(0, np.int64)
@@ -68,11 +72,21 @@ class DynamicThreshold:
             new[: len(old)] = old
             setattr(self, name, new)
 
-    def _accept(self, slot: int, x: float) -> None:
-        """Update one slot's statistics with one normal score."""
+    def _accept(self, slot: int, x: float, clip: float | None = None) -> None:
+        """Update one slot's statistics with one normal score (first lowered to `clip`)."""
+        if clip is not None and x > clip:
+            x = clip
         n = int(self._n[slot])
         mean, var = float(self._mean[slot]), float(self._var[slot])
-        if self.rule.method == "rolling":
+        if self.rule.method == "median":
+            # Centre and spread are the median and 1.4826·MAD of the last `window` scores
+            # (`_var` holds the spread squared, so `apply` reads every method alike).
+            window = self.rule.window
+            self._ring[slot, n % window] = x
+            recent = self._ring[slot, : min(n + 1, window)]
+            mean = float(np.median(recent))
+            var = (MAD_TO_STD * float(np.median(np.abs(recent - mean)))) ** 2
+        elif self.rule.method == "rolling":
             window, ring = self.rule.window, self._ring
             count = min(n, window)
             if n >= window:
@@ -95,7 +109,7 @@ class DynamicThreshold:
         self._ensure(slots)
         out = np.empty(len(scores), np.float64)
         k, warmup, population = self.rule.k, self.rule.warmup, self.population
-        regime_after = self.rule.regime_after
+        regime_after, winsorize = self.rule.regime_after, self.rule.winsorize
         n_arr, mean_arr, var_arr = self._n, self._mean, self._var
         # Sequential on purpose: each score's threshold depends on the scores before it.
         for i in range(len(scores)):
@@ -108,7 +122,10 @@ class DynamicThreshold:
                 continue
             if x <= threshold:
                 self._run[slot] = 0
-                self._accept(slot, x)
+                clip = None
+                if winsorize is not None and not cold:
+                    clip = mean_arr[slot] + winsorize * var_arr[slot] ** 0.5
+                self._accept(slot, x, clip)
             elif regime_after is not None:
                 run = int(self._run[slot])
                 self._pending[slot, run] = x

@@ -197,6 +197,56 @@ def test_rolling_variance_stays_accurate_over_a_long_run() -> None:
     assert np.mean(scores <= got) > 0.9  # most scores were accepted, so the window kept moving
 
 
+# --- dynamic: robust statistics ------------------------------------------------------------
+
+
+def test_median_hand_computed_sequence() -> None:
+    # k=2, window 3, warm-up 2 (population 1.0 + 2 * 0.5 = 2.0): median + 2·1.4826·MAD.
+    rule = dynamic(method="median", k=2.0, window=3, warmup=2)
+    got = rule.apply(*one_slot([1.0, 1.5, 0.5, 1.9, 5.0, 0.0]))
+    expected = [
+        2.0,  # cold
+        2.0,  # one score, still cold
+        1.25 + 2 * 1.4826 * 0.25,  # [1, 1.5]: median 1.25, MAD 0.25
+        1.0 + 2 * 1.4826 * 0.5,  # [1, 1.5, 0.5]: median 1, MAD 0.5
+        1.5 + 2 * 1.4826 * 0.4,  # [1.9, 1.5, 0.5] (1.0 left the window): median 1.5, MAD 0.4
+        1.5 + 2 * 1.4826 * 0.4,  # 5.0 was above its threshold: no update
+    ]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_median_ignores_one_huge_normal_score() -> None:
+    # A score far above the others but below a loose threshold moves mean + k·std a lot and
+    # median + k·MAD not at all.
+    scores = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 40.0, 1.0, 1.1, 0.9, 0.0]
+    calm = [*scores[:6], 1.0, *scores[7:]]
+    for method, most in (("rolling", None), ("median", 1.5)):
+        spiked = dynamic(method=method, k=1000.0, window=50, warmup=5).apply(*one_slot(scores))
+        plain = dynamic(method=method, k=1000.0, window=50, warmup=5).apply(*one_slot(calm))
+        ratio = spiked[-1] / plain[-1]
+        assert ratio > 50.0 if most is None else ratio < most, (method, ratio)
+
+
+def test_winsorized_ewma_hand_computed_sequence() -> None:
+    # alpha 0.5, k 10 (population 6.0), warm-up 2, winsorize 1: once warm, an accepted score
+    # updates the statistics as at most mean + 1·std.
+    rule = dynamic(method="ewma", k=10.0, alpha=0.5, warmup=2, winsorize=1.0)
+    got = rule.apply(*one_slot([1.0, 3.0, 5.0, 0.0]))
+    # 1.0: mean 1, var 0 (cold, not clipped); 3.0: a 0.5, mean 2, var 0.5·(0 + 0.5·4) = 1
+    # (still cold); 5.0 <= 2 + 10·1 is clipped to 2 + 1·1 = 3: mean 2.5, var 0.5·(1 + 0.5·1) = 0.75.
+    np.testing.assert_allclose(got, [6.0, 6.0, 12.0, 2.5 + 10.0 * 0.75**0.5], rtol=1e-12)
+    plain = dynamic(method="ewma", k=10.0, alpha=0.5, warmup=2).apply(*one_slot([1.0, 3.0, 5.0, 0.0]))
+    assert plain[3] == pytest.approx(3.5 + 10.0 * 2.75**0.5, rel=1e-12)  # 5.0 unclipped: mean 3.5, var 2.75
+
+
+def test_winsorize_at_or_above_k_changes_nothing() -> None:
+    rng = np.random.default_rng(3)
+    slots, scores = one_slot(list(rng.gamma(1.0, 1.0, 300)))
+    plain = dynamic(method="ewma", k=3.0, alpha=0.05, warmup=10).apply(slots, scores)
+    clipped = dynamic(method="ewma", k=3.0, alpha=0.05, warmup=10, winsorize=3.0).apply(slots, scores)
+    np.testing.assert_array_equal(clipped, plain)
+
+
 # --- dynamic: regime change ----------------------------------------------------------------
 
 
@@ -256,7 +306,7 @@ def test_rolling_regime_change_matches_reference(window: int, warmup: int, regim
 # --- dynamic: shared behaviour ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["ewma", "rolling"])
+@pytest.mark.parametrize("method", ["ewma", "rolling", "median"])
 def test_warmup_uses_population_threshold(method: str) -> None:
     rule = dynamic(method=method, k=3.0, warmup=5, window=10, alpha=0.1)
     got = rule.apply(*one_slot([0.1, 0.1, 0.1, 0.1, 0.1, 0.1]))
@@ -264,7 +314,7 @@ def test_warmup_uses_population_threshold(method: str) -> None:
     assert got[5] == pytest.approx(0.1)  # five equal scores: mean 0.1, std 0
 
 
-@pytest.mark.parametrize("method", ["ewma", "rolling"])
+@pytest.mark.parametrize("method", ["ewma", "rolling", "median"])
 def test_scores_above_threshold_do_not_update(method: str) -> None:
     base = [1.0, 1.2, 0.8, 1.1, 0.9]
     with_spikes = dynamic(method=method, k=2.0, warmup=2, window=4, alpha=0.3)
@@ -277,7 +327,7 @@ def test_scores_above_threshold_do_not_update(method: str) -> None:
     assert got[2] < 50.0 and got[5] < 60.0
 
 
-@pytest.mark.parametrize("method", ["ewma", "rolling"])
+@pytest.mark.parametrize("method", ["ewma", "rolling", "median"])
 def test_entities_are_independent(method: str) -> None:
     rng = np.random.default_rng(7)
     a = rng.random(60) + 1.0
@@ -291,7 +341,7 @@ def test_entities_are_independent(method: str) -> None:
     assert not np.array_equal(together[1::2], alone)
 
 
-@pytest.mark.parametrize("method", ["ewma", "rolling"])
+@pytest.mark.parametrize("method", ["ewma", "rolling", "median"])
 def test_update_false_changes_nothing(method: str) -> None:
     history = [1.0, 1.3, 0.9, 1.1, 1.0, 1.2]
     probe = np.array([0.5, 1.0, 1.4, 0.2])
@@ -314,12 +364,13 @@ def test_update_false_changes_nothing(method: str) -> None:
 def dynamic_cases(draw: st.DrawFn) -> tuple[DynamicRule, np.ndarray, np.ndarray, list[int]]:
     rule = DynamicRule(
         rule="dynamic",
-        method=draw(st.sampled_from(["ewma", "rolling"])),
+        method=draw(st.sampled_from(["ewma", "rolling", "median"])),
         k=draw(st.floats(0.5, 4.0)),
         alpha=draw(st.floats(0.01, 1.0)),
         window=draw(st.integers(2, 8)),
         warmup=draw(st.integers(0, 6)),
         regime_after=draw(st.none() | st.integers(1, 5)),
+        winsorize=draw(st.none() | st.floats(0.1, 5.0)),
     )
     n = draw(st.integers(0, 80))
     slots = np.asarray(draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)), np.int64)
