@@ -18,6 +18,8 @@ from detector.config import load_config, load_config_with_secrets, masked_dump
 from detector.errors import DetectorError
 
 EXIT_OK, EXIT_BUG, EXIT_USAGE = 0, 1, 2
+# `detector evaluate smd` defaults; detector.evaluate_smd.SMD_MACHINES (not imported here: it pulls numpy in).
+SMD_MACHINE_NAMES = ("machine-1-6", "machine-2-1", "machine-2-7", "machine-3-3")
 
 
 def package_version() -> str:
@@ -65,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path)
     p.add_argument("--show", action="store_true", help="print the effective config, secrets masked")
 
+    p = sub.add_parser("config-reference", help="print the config reference (markdown) generated from the models")
+    p.add_argument("--update-readme", action="store_true", help="rewrite the reference block in --readme instead")
+    p.add_argument("--readme", type=Path, default=Path("README.md"), help="README to update (default: ./README.md)")
+
     p = sub.add_parser("train", help="train a stream's model on a CSV or JSONL file")
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--stream", help="stream name (needed when the config has several)")
@@ -103,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--series", default="*", help="glob over category/file.csv (default: all)")
     b.add_argument("--out", type=Path, default=Path("build/eval/nab"), help="results.json, results.csv, scores/")
     b.add_argument("--jobs", type=int, default=2, help="series replayed in parallel (one torch thread each)")
+    b = bench.add_parser("smd", help="Server Machine Dataset: train per machine, point/event/point-adjusted F1")
+    b.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="holds smd/train, test, labels")
+    b.add_argument("--config", type=Path, default=Path("configs/system-metrics.yaml"))
+    b.add_argument("--machines", default=",".join(SMD_MACHINE_NAMES), help="comma-separated (default: all four)")
+    b.add_argument("--out", type=Path, default=Path("build/eval/smd"), help="results.json, results.csv, scores/")
+    b.add_argument("--jobs", type=int, default=2, help="machines trained in parallel (one torch thread each)")
+    b = bench.add_parser("fraud", help="card transactions (Fraud Detection Handbook): AUC-ROC, AP, card precision@100")
+    b.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="holds fraud/ (see its README)")
+    b.add_argument("--config", type=Path, default=Path("configs/transactions.yaml"))
+    b.add_argument("--out", type=Path, default=Path("build/eval/fraud"), help="results.json, scores.csv.gz")
 
     p = sub.add_parser("run", help="the daemon: consume Kafka, score, alert, serve /metrics (SIGHUP reloads)")
     p.add_argument("--config", required=True, type=Path)
@@ -136,6 +152,11 @@ def run(args: argparse.Namespace) -> int:
             print(masked_dump(config, secrets), end="")
         print(f"{args.config}: ok ({len(config.streams)} stream(s): {', '.join(config.streams)})", file=sys.stderr)
         return EXIT_OK
+
+    if args.command == "config-reference":
+        from detector.reference import config_reference_command
+
+        return config_reference_command(args.update_readme, args.readme)
 
     if args.command == "train":
         from detector.replay import print_summary, train_file
@@ -178,6 +199,24 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "report":
         return run_report(args)
+
+    if args.command == "evaluate" and args.benchmark == "smd":
+        from detector.evaluate_smd import evaluate_smd, print_smd_report, write_smd_report
+
+        machines = [m.strip() for m in args.machines.split(",") if m.strip()]
+        smd = evaluate_smd(args.data_dir, args.config, args.out, machines, max(1, args.jobs))
+        print_smd_report(smd)
+        json_path, csv_path = write_smd_report(smd, args.out)
+        print(f"wrote {json_path} and {csv_path}", file=sys.stderr)
+        return EXIT_OK
+
+    if args.command == "evaluate" and args.benchmark == "fraud":
+        from detector.evaluate_fraud import evaluate_fraud, print_fraud_report, write_fraud_report
+
+        fraud = evaluate_fraud(args.data_dir, args.config, args.out)
+        print_fraud_report(fraud)
+        print(f"wrote {write_fraud_report(fraud, args.out)}", file=sys.stderr)
+        return EXIT_OK
 
     if args.command == "evaluate":
         from detector.evaluate import evaluate_nab, print_nab_report, write_nab_report

@@ -44,16 +44,19 @@ class _Model(BaseModel):
 class KafkaInput(_Model):
     """Records come from a Kafka topic (consumed by `detector run`)."""
 
-    kind: Literal["kafka"]
-    topic: str = Field(min_length=1)
+    kind: Literal["kafka"] = Field(description="selects this input")
+    topic: str = Field(min_length=1, description="topic to consume; the connection is set under `kafka`")
 
 
 class FileInput(_Model):
     """Records come from a CSV or JSONL file (used by `detector replay` and `train`)."""
 
-    kind: Literal["file"]
-    path: Path
-    format: Literal["auto", "csv", "jsonl"] = "auto"
+    kind: Literal["file"] = Field(description="selects this input")
+    path: Path = Field(description="data file, relative to the config file's folder")
+    format: Literal["auto", "csv", "jsonl"] = Field(
+        "auto",
+        description="`auto` goes by the extension: `.csv`, `.tsv`, `.jsonl`, `.ndjson`, `.json`, each optionally `.gz`",
+    )
 
 
 Input = Annotated[KafkaInput | FileInput, Field(discriminator="kind")]
@@ -63,11 +66,13 @@ Input = Annotated[KafkaInput | FileInput, Field(discriminator="kind")]
 
 
 class Feature(_Model):
-    """One model input: `field` is a dotted path into the record (defaults to `name`)."""
+    """One model input, in order. A plain string is short for `{name: ...}`."""
 
-    name: str = Field(min_length=1)
-    field: str | None = None
-    default: float | None = None
+    name: str = Field(min_length=1, description="feature name (unique within the stream)")
+    field: str | None = Field(None, description="dotted path into the record; `null`: the same as `name`")
+    default: float | None = Field(
+        None, description="used when the field is missing, null or NaN; without it such a record is rejected"
+    )
 
     @property
     def path(self) -> str:
@@ -77,11 +82,24 @@ class Feature(_Model):
 class Mapping(_Model):
     """Which record fields are the entity key, the timestamp and the feature values."""
 
-    entity: list[str] = Field(default_factory=list)
-    timestamp: str | None = "timestamp"
-    timestamp_format: Literal["auto", "iso", "unix_s", "unix_ms"] = "auto"
-    features: list[Feature] = Field(min_length=1)
-    out_of_order: Literal["drop", "accept"] = "drop"
+    entity: list[str] = Field(
+        default_factory=list,
+        description="record fields whose values, joined with `/`, are the entity key (one string is a list of one); "
+        "empty: one entity named after the stream",
+    )
+    timestamp: str | None = Field(
+        "timestamp",
+        description="record field with the event time; `null` uses the row number (files) or record time (Kafka)",
+    )
+    timestamp_format: Literal["auto", "iso", "unix_s", "unix_ms"] = Field(
+        "auto",
+        description="`auto` tells Unix seconds from milliseconds by magnitude and parses ISO 8601 strings; "
+        "naive ISO times are UTC",
+    )
+    features: list[Feature] = Field(min_length=1, description="model inputs, in order (below)")
+    out_of_order: Literal["drop", "accept"] = Field(
+        "drop", description="a sample older than its entity's newest is rejected (`drop`: counted, reported) or used"
+    )
 
     @field_validator("entity", mode="before")
     @classmethod
@@ -116,47 +134,66 @@ class Mapping(_Model):
 class Window(_Model):
     """Sliding windows per entity: `size` samples, a window every `stride` samples."""
 
-    size: int = Field(64, ge=2, le=4096)
-    stride: int = Field(1, ge=1, le=4096)
+    size: int = Field(64, ge=2, le=4096, description="samples per window")
+    stride: int = Field(1, ge=1, le=4096, description="a window is scored every `stride` samples once `size` are there")
 
 
 class Normalization(_Model):
-    """Scaling fitted on training data. `robust` = (x - median) / IQR; `standard` = z-score."""
+    """Scaling fitted on training data and stored in the checkpoint."""
 
-    method: Literal["robust", "standard", "none"] = "robust"
-    per_entity: bool = False
-    # Floor on the fitted scale so a constant training series does not divide by zero.
-    min_scale: float = Field(1e-6, gt=0)
+    method: Literal["robust", "standard", "none"] = Field(
+        "robust", description="`robust`: (x - median) / IQR; `standard`: z-score; `none`"
+    )
+    per_entity: bool = Field(
+        False, description="fit parameters per entity seen in training; other entities get the population's"
+    )
+    min_scale: float = Field(
+        1e-6, gt=0, description="floor on the fitted scale, so a constant training series does not divide by zero"
+    )
 
 
 class ModelSpec(_Model):
     """The recurrent autoencoder's shape."""
 
-    cell: Literal["lstm", "gru", "rnn"] = "lstm"
-    hidden_size: int = Field(32, ge=1, le=4096)
-    num_layers: int = Field(1, ge=1, le=8)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    latent_size: int = Field(16, ge=1, le=4096)
-    attention: bool = False
+    cell: Literal["lstm", "gru", "rnn"] = Field("lstm", description="recurrent cell of encoder and decoder")
+    hidden_size: int = Field(32, ge=1, le=4096, description="units per recurrent layer")
+    num_layers: int = Field(1, ge=1, le=8, description="stacked recurrent layers")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout between stacked layers")
+    latent_size: int = Field(16, ge=1, le=4096, description="size of the code a window is compressed to")
+    attention: bool = Field(
+        False,
+        description="decoder attends over encoder states: sharper reconstructions, but it can copy anomalies through",
+    )
 
 
 class Training(_Model):
-    """How `detector train` fits the model."""
+    """How `detector train` fits the model (AdamW, early stopping on held-out windows)."""
 
-    epochs: int = Field(30, ge=1, le=10_000)
-    batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    validation_split: float = Field(0.2, gt=0, lt=1)
-    early_stopping_patience: int = Field(5, ge=0)
-    seed: int = 0
-    # Windows are taken every `stride` samples from the training data; cap the total.
-    stride: int = Field(1, ge=1)
-    max_windows: int = Field(50_000, ge=16)
-    # Training data is rarely clean: ignore the worst-reconstructed fraction of each batch
-    # so that anomalies in the history are not learned as normal.
-    trim_fraction: float = Field(0.0, ge=0, lt=0.5)
+    epochs: int = Field(30, ge=1, le=10_000, description="most passes over the training windows")
+    batch_size: int = Field(64, ge=1, description="windows per optimisation step")
+    learning_rate: float = Field(2e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; `null` disables")
+    validation_split: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="latest fraction of each entity's windows held out, at least one (with a gap so none overlaps "
+        "training, when the entity has windows to spare); training needs at least 4 windows left",
+    )
+    early_stopping_patience: int = Field(
+        5, ge=0, description="epochs without validation improvement before stopping; 0 disables"
+    )
+    seed: int = Field(0, description="same data + seed = same model")
+    stride: int = Field(1, ge=1, description="training windows are taken every `stride` samples")
+    max_windows: int = Field(50_000, ge=16, description="at most this many training windows (sampled)")
+    trim_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="fraction of each batch's worst-reconstructed windows left out of the loss, so anomalies in "
+        "the history are not learned as normal",
+    )
 
 
 # --- thresholds and alerts ---------------------------------------------------------------
@@ -165,21 +202,21 @@ class Training(_Model):
 class StaticRule(_Model):
     """A fixed score threshold."""
 
-    rule: Literal["static"]
-    value: float = Field(ge=0)
+    rule: Literal["static"] = Field(description="selects this rule")
+    value: float = Field(ge=0, description="the threshold")
 
 
 class QuantileRule(_Model):
-    """A quantile of the held-out validation errors, times `factor`."""
+    """A quantile of the held-out validation errors (stored in the checkpoint), times `factor`."""
 
-    rule: Literal["quantile"]
-    q: float = Field(gt=0, lt=1)
-    factor: float = Field(1.0, gt=0)
+    rule: Literal["quantile"] = Field(description="selects this rule")
+    q: float = Field(gt=0, lt=1, description="quantile of the validation errors")
+    factor: float = Field(1.0, gt=0, description="multiplies the quantile")
 
 
 class DynamicRule(_Model):
-    """mean + k·std of each entity's recent scores (EWMA or a rolling window), or median +
-    k·1.4826·MAD of a rolling window (`median`, robust to heavy-tailed scores).
+    """mean + k·std of each entity's own recent normal scores (EWMA or a rolling window), or
+    median + k·1.4826·MAD of a rolling window (`median`, robust to heavy-tailed scores).
 
     Until an entity has `warmup` scores, the population threshold from the training
     errors (validation mean + k·std) applies. Scores above the threshold do not update the
@@ -188,28 +225,53 @@ class DynamicRule(_Model):
     the run's scores).
     """
 
-    rule: Literal["dynamic"]
-    method: Literal["ewma", "rolling", "median"] = "ewma"
-    k: float = Field(4.0, gt=0)
-    alpha: float = Field(0.01, gt=0, le=1)
-    window: int = Field(500, ge=2, le=100_000)
-    warmup: int = Field(100, ge=0)
-    # Regime change: after this many scores in a row above the threshold, the entity's
-    # statistics restart from those scores (a persistent new level becomes the normal one).
-    regime_after: int | None = Field(None, ge=1, le=100_000)
-    # Winsorized statistics: once warm, a normal score above mean + winsorize·std updates
-    # them as that value, so large errors below a larger threshold do not inflate it.
-    winsorize: float | None = Field(None, gt=0)
+    rule: Literal["dynamic"] = Field(description="selects this rule")
+    method: Literal["ewma", "rolling", "median"] = Field(
+        "ewma",
+        description="`ewma` (uses `alpha`) or `rolling` (uses `window`): mean + `k`·std; "
+        "`median` (uses `window`): median + `k`·1.4826·MAD of the last `window` normal scores",
+    )
+    k: float = Field(4.0, gt=0, description="spreads (std or scaled MAD) above the centre")
+    alpha: float = Field(0.01, gt=0, le=1, description="EWMA weight of each new score (`ewma`)")
+    window: int = Field(500, ge=2, le=100_000, description="normal scores kept (`rolling`, `median`)")
+    warmup: int = Field(
+        100,
+        ge=0,
+        description="an entity's scores before its own statistics apply; until then, the population threshold",
+    )
+    regime_after: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="after this many anomalous windows in a row, a regime change: the entity's statistics restart "
+        "from those windows' scores, so a persistent new level stops alerting and the alert can resolve; "
+        "`null`: never",
+    )
+    winsorize: float | None = Field(
+        None,
+        gt=0,
+        description="once warm, a normal score updates the statistics as at most mean + `winsorize`·std, so large "
+        "errors below a larger threshold do not inflate it; `null`: off",
+    )
 
 
 Rule = Annotated[StaticRule | QuantileRule | DynamicRule, Field(discriminator="rule")]
 
 
 class Thresholds(_Model):
-    """A score above `warning` is anomalous; above `critical` too, it is critical."""
+    """A score above `warning` is anomalous; above `critical` too, it is critical. Each is a
+    rule: `static`, `quantile` or `dynamic` (below); the two may be of different kinds."""
 
-    warning: Rule = Field(default_factory=lambda: QuantileRule(rule="quantile", q=0.995))
-    critical: Rule | None = None
+    warning: Rule = Field(
+        default_factory=lambda: QuantileRule(rule="quantile", q=0.995), description="rule for an anomalous window"
+    )
+    critical: Rule | None = Field(
+        None,
+        description="rule for a critical one; `null`: none. Refused when provably never above `warning` (same rule "
+        "with comparable parameters: a lower or equal static `value`; `q` and `factor` both lower or equal; the same "
+        "dynamic statistics with a lower or equal `k`). Mixed rule kinds (e.g. quantile warning, static critical) "
+        "are allowed and not checked",
+    )
 
     @field_validator("critical")
     @classmethod
@@ -250,11 +312,15 @@ class AlertPolicy(_Model):
     anomalies with far fewer false alarms, at the cost of at least `n` windows of delay.
     """
 
-    n: int = Field(3, ge=1, le=MAX_ALERT_WINDOWS)
-    m: int = Field(5, ge=1, le=MAX_ALERT_WINDOWS)
-    cooldown_s: float = Field(300.0, ge=0)
-    resolve_after: int | None = Field(None, ge=1)
-    top_features: int = Field(3, ge=1)
+    n: int = Field(3, ge=1, le=MAX_ALERT_WINDOWS, description="anomalous windows among the last `m` that fire (n ≤ m)")
+    m: int = Field(5, ge=1, le=MAX_ALERT_WINDOWS, description="windows the `n`-of-`m` rule looks back over")
+    cooldown_s: float = Field(
+        300.0, ge=0, description="after a resolve, event-time seconds before the entity may fire again"
+    )
+    resolve_after: int | None = Field(
+        None, ge=1, description="normal windows in a row that resolve a firing alert; `null`: `m`"
+    )
+    top_features: int = Field(3, ge=1, description="contributing features listed in each alert")
 
     @model_validator(mode="after")
     def _n_within_m(self) -> AlertPolicy:
@@ -271,17 +337,20 @@ class AlertPolicy(_Model):
 
 
 class Stream(_Model):
-    """One monitored stream: where records come from and how they become alerts."""
+    """One monitored stream: where records come from and how they become alerts. Its name
+    (the key under `streams`) is letters, digits, `_`, `.` and `-`."""
 
-    input: Input
-    mapping: Mapping
-    window: Window = Field(default_factory=Window)
-    normalization: Normalization = Field(default_factory=Normalization)
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    training: Training = Field(default_factory=Training)
-    thresholds: Thresholds = Field(default_factory=Thresholds)
-    alerts: AlertPolicy = Field(default_factory=AlertPolicy)
-    checkpoint: Path | None = None
+    input: Input = Field(description="where records come from: `kind: kafka` or `kind: file` (below)")
+    mapping: Mapping = Field(description="how a record becomes entity, timestamp and feature values")
+    window: Window = Field(default_factory=Window, description="how samples are cut into windows")
+    normalization: Normalization = Field(default_factory=Normalization, description="feature scaling")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="the autoencoder's shape")
+    training: Training = Field(default_factory=Training, description="how `detector train` fits the model")
+    thresholds: Thresholds = Field(default_factory=Thresholds, description="score → severity rules")
+    alerts: AlertPolicy = Field(default_factory=AlertPolicy, description="when anomalous windows become an alert")
+    checkpoint: Path | None = Field(
+        None, description="model file the stream scores with (relative to the config file's folder)"
+    )
 
     def layout_hash(self) -> str:
         """Hash of everything a trained model depends on (features, window, scaling, model).
@@ -301,15 +370,21 @@ class Stream(_Model):
 class Scoring(_Model):
     """How scoring uses the CPU."""
 
-    # Torch intra-op threads; None leaves torch's default (all cores).
-    threads: int | None = Field(None, ge=1, le=256)
-    # Windows per forward pass; bigger batches are faster per window up to a point.
-    batch_windows: int = Field(1024, ge=1)
-    # `detector run` micro-batches: a batch closes at `batch_records` records (each record
-    # completes at most one window, so this also bounds the windows) or `batch_wait_ms` after
-    # its first record, whichever comes first. Offsets are committed once per batch.
-    batch_records: int = Field(1000, ge=1, le=1_000_000)
-    batch_wait_ms: int = Field(200, ge=1, le=600_000)
+    threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads; `null`: all cores")
+    batch_windows: int = Field(
+        1024, ge=1, description="windows per forward pass; bigger batches are faster per window up to a point"
+    )
+    batch_records: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="`detector run`: a micro-batch closes at `batch_records` records (each completes at most one "
+        "window, so this also bounds the windows) or `batch_wait_ms` after its first record, whichever comes "
+        "first; offsets are committed once per batch",
+    )
+    batch_wait_ms: int = Field(
+        200, ge=1, le=600_000, description="`detector run`: the longest a micro-batch waits after its first record"
+    )
 
 
 # --- the daemon (`detector run`) ---------------------------------------------------------
@@ -322,36 +397,69 @@ class Kafka(_Model):
     here pass through `consumer_options` / `producer_options` to kafka-python unchanged.
     """
 
-    bootstrap_servers: list[str] = Field(default_factory=lambda: ["localhost:9092"], min_length=1)
-    group_id: str = Field("detector", min_length=1)
-    client_id: str = Field("detector", min_length=1)
-    # Where a group with no committed offset starts.
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
-    sasl_plain_username: str | None = None
-    sasl_plain_password: str | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_password: str | None = None
-    fetch_min_bytes: int = Field(1, ge=1)
-    fetch_max_bytes: int = Field(52_428_800, ge=1)
-    max_partition_fetch_bytes: int = Field(1_048_576, ge=1)
-    # How long the broker may hold a fetch waiting for fetch_min_bytes: bounds idle latency.
-    fetch_max_wait_ms: int = Field(100, ge=0)
-    max_poll_records: int = Field(500, ge=1)
-    session_timeout_ms: int = Field(45_000, ge=1000)
-    heartbeat_interval_ms: int = Field(3_000, ge=100)
-    request_timeout_ms: int = Field(30_000, ge=1000)
-    consumer_options: dict[str, Any] = Field(default_factory=dict)
-    producer_options: dict[str, Any] = Field(default_factory=dict)
-    # Undecodable records go here unchanged, with headers naming the reason and the source.
-    dead_letter_topic: str | None = Field(None, min_length=1)
-    # On partition assignment, re-read up to this many records before the committed offset to
-    # refill the windows (scored, never alerted). Enough for every entity of the partition to
-    # see window.size + alerts.m * window.stride samples avoids any blind spot after a restart.
-    refill_records: int = Field(10_000, ge=0)
+    bootstrap_servers: list[str] = Field(
+        default_factory=lambda: ["localhost:9092"],
+        min_length=1,
+        description="brokers: a list, or one comma-separated string",
+    )
+    group_id: str = Field(
+        "detector", min_length=1, description="consumer group; offsets are committed there, never automatically"
+    )
+    client_id: str = Field("detector", min_length=1, description="client name the brokers see")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest",
+        description="where a group with no committed offset starts. Not `latest` on Tansu (the local broker): its "
+        "latest-offset lookup answers wrong offsets, so the group may start far from the end; the daemon itself "
+        "never asks for the latest offset (lag comes from the fetch high watermark)",
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="transport security"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = Field(
+        None, description="SASL login mechanism"
+    )
+    sasl_plain_username: str | None = Field(None, description="SASL user name")
+    sasl_plain_password: str | None = Field(None, description="SASL password; put it in `${ENV}`")
+    ssl_cafile: Path | None = Field(None, description="CA bundle (relative to the config file's folder)")
+    ssl_certfile: Path | None = Field(None, description="client certificate (relative to the config file's folder)")
+    ssl_keyfile: Path | None = Field(None, description="client key (relative to the config file's folder)")
+    ssl_password: str | None = Field(None, description="client key password; put it in `${ENV}`")
+    fetch_min_bytes: int = Field(1, ge=1, description="fetch size, as in kafka-python")
+    fetch_max_bytes: int = Field(52_428_800, ge=1, description="fetch size (50 MiB), as in kafka-python")
+    max_partition_fetch_bytes: int = Field(
+        1_048_576, ge=1, description="fetch size per partition (1 MiB), as in kafka-python"
+    )
+    fetch_max_wait_ms: int = Field(
+        100,
+        ge=0,
+        description="how long the broker may hold a fetch waiting for `fetch_min_bytes`: bounds the latency of a "
+        "quiet stream",
+    )
+    max_poll_records: int = Field(500, ge=1, description="records per poll, as in kafka-python")
+    session_timeout_ms: int = Field(45_000, ge=1000, description="group membership timeout")
+    heartbeat_interval_ms: int = Field(
+        3_000, ge=100, description="group heartbeat; at most a third of `session_timeout_ms`"
+    )
+    request_timeout_ms: int = Field(30_000, ge=1000, description="broker request timeout")
+    consumer_options: dict[str, Any] = Field(
+        default_factory=dict, description="any other kafka-python `KafkaConsumer` setting, passed through unchanged"
+    )
+    producer_options: dict[str, Any] = Field(
+        default_factory=dict, description="any other kafka-python `KafkaProducer` setting, passed through unchanged"
+    )
+    dead_letter_topic: str | None = Field(
+        None,
+        min_length=1,
+        description="records that cannot be decoded go here unchanged, with headers naming the reason and the "
+        "source; `null`: they are only counted and logged",
+    )
+    refill_records: int = Field(
+        10_000,
+        ge=0,
+        description="on partition assignment, records re-read before the committed offset to refill windows and "
+        "alert state (scored, never alerted); enough for every entity of a partition to see `window.size` + "
+        "`alerts.m` times `window.stride` samples leaves no blind spot after a restart",
+    )
 
     @field_validator("bootstrap_servers", mode="before")
     @classmethod
@@ -366,80 +474,109 @@ class Kafka(_Model):
 
 
 class Retry(_Model):
-    """Delivery retries of a webhook: exponential backoff from `initial_backoff_s`, doubling up to
-    `max_backoff_s`, `max_attempts` tries in all, each with a `timeout_s` request timeout."""
+    """Delivery retries of a sink: exponential backoff from `initial_backoff_s`, doubling up to
+    `max_backoff_s`, `max_attempts` tries in all, each with a `timeout_s` request timeout. A
+    4xx answer other than 429 is not retried."""
 
-    initial_backoff_s: float = Field(0.5, gt=0)
-    max_backoff_s: float = Field(30.0, gt=0)
-    max_attempts: int = Field(8, ge=1)
-    timeout_s: float = Field(5.0, gt=0)
+    initial_backoff_s: float = Field(0.5, gt=0, description="wait before the first retry, in seconds")
+    max_backoff_s: float = Field(30.0, gt=0, description="longest wait between tries, in seconds")
+    max_attempts: int = Field(8, ge=1, description="tries in all, the first included")
+    timeout_s: float = Field(5.0, gt=0, description="timeout of each request, in seconds")
 
 
 class WebhookSinkConfig(_Model):
-    """POST each batch of alerts as a JSON array of alert objects to `url`."""
+    """A generic JSON webhook: each batch's alert events are POSTed to `url` as a JSON array."""
 
-    url: str = Field(pattern=r"^https?://")
-    headers: dict[str, str] = Field(default_factory=dict)
-    # Alerts waiting for delivery; when full, new alerts are dropped (counted and logged).
-    queue_size: int = Field(1000, ge=1)
-    retry: Retry = Field(default_factory=Retry)
+    url: str = Field(pattern=r"^https?://", description="where to POST")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="extra HTTP headers, e.g. `Authorization: Bearer ${TOKEN}`"
+    )
+    queue_size: int = Field(
+        1000,
+        ge=1,
+        description="deliveries waiting; when full, new alerts are dropped, counted "
+        '(`detector_sink_dropped_total{cause="queue_full"}`) and logged',
+    )
+    retry: Retry = Field(default_factory=Retry, description="delivery retries (below)")
 
 
 class AlertmanagerSinkConfig(_Model):
-    """Alertmanager API v2: POST `url`/api/v2/alerts; active alerts are re-sent every
-    `resend_interval_s`, and a resolve is sent with `endsAt`."""
+    """An Alertmanager API v2 receiver: alerts are POSTed to `url`/api/v2/alerts; active alerts
+    are re-sent every `resend_interval_s`, and a resolve is sent with `endsAt`."""
 
-    url: str = Field(pattern=r"^https?://")
-    headers: dict[str, str] = Field(default_factory=dict)
-    alertname: str = Field("AnomalyDetected", min_length=1)
-    # Extra labels on every alert (team, environment, ...).
-    labels: dict[str, str] = Field(default_factory=dict)
-    resend_interval_s: float = Field(60.0, gt=0)
-    generator_url: str | None = None
-    queue_size: int = Field(1000, ge=1)
-    retry: Retry = Field(default_factory=Retry)
+    url: str = Field(pattern=r"^https?://", description="Alertmanager base URL; `/api/v2/alerts` is appended")
+    headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers")
+    alertname: str = Field("AnomalyDetected", min_length=1, description="the `alertname` label")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="extra labels on every alert (team, environment, ...)"
+    )
+    resend_interval_s: float = Field(60.0, gt=0, description="seconds between re-sends of an active alert")
+    generator_url: str | None = Field(None, description="the alerts' `generatorURL`")
+    queue_size: int = Field(
+        1000,
+        ge=1,
+        description="deliveries waiting; when full, new alerts are dropped, counted "
+        '(`detector_sink_dropped_total{cause="queue_full"}`) and logged',
+    )
+    retry: Retry = Field(default_factory=Retry, description="delivery retries (below)")
 
 
 class KafkaSinkConfig(_Model):
     """Alerts as JSON messages on a Kafka topic, keyed by entity."""
 
-    topic: str = Field(min_length=1)
+    topic: str = Field(min_length=1, description="alerts topic: one JSON message per alert event")
 
 
 class Sinks(_Model):
     """Where `detector run` sends alerts. Every sink gets every alert event."""
 
-    log: bool = True
-    kafka: KafkaSinkConfig | None = None
-    alertmanager: list[AlertmanagerSinkConfig] = Field(default_factory=list)
-    webhooks: list[WebhookSinkConfig] = Field(default_factory=list)
-    # Every scored record as a JSON line (audits, debugging, the equivalence tests).
-    scores_file: Path | None = None
+    log: bool = Field(True, description="each alert as a JSON line on the `detector.alerts` logger")
+    kafka: KafkaSinkConfig | None = Field(None, description="alerts topic (below); `null`: none")
+    alertmanager: list[AlertmanagerSinkConfig] = Field(
+        default_factory=list, description="Alertmanager API v2 receivers (below)"
+    )
+    webhooks: list[WebhookSinkConfig] = Field(default_factory=list, description="generic JSON webhooks (below)")
+    scores_file: Path | None = Field(
+        None,
+        description="every scored record as a JSON line (stream, topic, partition, offset, entity, timestamp, "
+        "score, threshold, severity, alert_id): audits, debugging, the equivalence tests",
+    )
 
 
 class Server(_Model):
-    """The HTTP endpoints of `detector run`: /metrics, /-/healthy, /-/ready, POST /-/reload."""
+    """The HTTP endpoints of `detector run`: `/metrics`, `/-/healthy`, `/-/ready`, `POST /-/reload`."""
 
-    enabled: bool = True
-    # Loopback unless told otherwise: a container or pod sets 0.0.0.0 so the scraper can reach it.
-    host: str = "127.0.0.1"
-    port: int = Field(9108, ge=0, le=65535)
+    enabled: bool = Field(True, description="serve the endpoints")
+    host: str = Field(
+        "127.0.0.1",
+        description="listen address; loopback unless told otherwise: a container or pod sets `0.0.0.0` so the "
+        "scraper can reach it",
+    )
+    port: int = Field(9108, ge=0, le=65535, description="listen port")
 
 
 class Service(_Model):
     """Lifecycle of `detector run`."""
 
-    # SIGTERM/SIGINT: finish the batch, commit, flush sinks and exit within this many seconds.
-    grace_period_s: float = Field(30.0, gt=0)
+    grace_period_s: float = Field(
+        30.0,
+        gt=0,
+        description="on SIGTERM/SIGINT, seconds to finish the batch, commit and flush the sinks before a forced "
+        "exit (code 1)",
+    )
 
 
 class Config(_Model):
-    streams: dict[Annotated[str, Field(pattern=_NAME_PATTERN)], Stream] = Field(min_length=1)
-    scoring: Scoring = Field(default_factory=Scoring)
-    kafka: Kafka = Field(default_factory=Kafka)
-    sinks: Sinks = Field(default_factory=Sinks)
-    server: Server = Field(default_factory=Server)
-    service: Service = Field(default_factory=Service)
+    """The whole file: one or more streams and the settings they share."""
+
+    streams: dict[Annotated[str, Field(pattern=_NAME_PATTERN)], Stream] = Field(
+        min_length=1, description="one entry per stream: its name (letters, digits, `_` `.` `-`) and its settings"
+    )
+    scoring: Scoring = Field(default_factory=Scoring, description="how scoring uses the CPU")
+    kafka: Kafka = Field(default_factory=Kafka, description="Kafka client of `detector run`")
+    sinks: Sinks = Field(default_factory=Sinks, description="where `detector run` sends alerts")
+    server: Server = Field(default_factory=Server, description="HTTP endpoints of `detector run`")
+    service: Service = Field(default_factory=Service, description="lifecycle of `detector run`")
 
     def stream(self, name: str | None) -> tuple[str, Stream]:
         """The named stream, or the only one when `name` is None."""

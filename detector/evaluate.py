@@ -36,17 +36,20 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import Literal, TextIO, TypeVar
 
 import numpy as np
 
 from detector.errors import InputError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
@@ -412,6 +415,18 @@ def _init_worker() -> None:
     logging.basicConfig(level=logging.WARNING, force=True)
 
 
+def run_jobs(job: Callable[[T], R], tasks: Sequence[T], jobs: int) -> list[R]:
+    """`job` over `tasks` in up to `jobs` worker processes (in this one when that is 1), in order.
+    `job` must be a module-level function: workers are spawned and import it."""
+    jobs = max(1, min(jobs, len(tasks)))
+    if jobs == 1:
+        _init_worker()
+        return [job(t) for t in tasks]
+    # spawn, not fork: a forked torch can deadlock on thread pools the parent started.
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+        return list(pool.map(job, tasks))
+
+
 def _replay_job(args: tuple[Path, Path, int, Path]) -> ReplayedSeries:
     return replay_series(*args)
 
@@ -478,14 +493,7 @@ def evaluate_nab(
     tasks = [
         (config_path, path, s.probation, out / "scores" / s.name.replace(".csv", ".scores.csv")) for s, path in corpus
     ]
-    jobs = max(1, min(jobs, len(tasks)))
-    if jobs == 1:
-        _init_worker()
-        replayed = [_replay_job(t) for t in tasks]
-    else:
-        # spawn, not fork: a forked torch can deadlock on thread pools the parent started.
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-            replayed = list(pool.map(_replay_job, tasks))
+    replayed = run_jobs(_replay_job, tasks, jobs)
     series = [s for s, _ in corpus]
     results: dict[str, dict[str, ProfileResult]] = {}
     for output in ("alerts", "score"):

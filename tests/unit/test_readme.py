@@ -1,5 +1,6 @@
-"""The README does not drift from the code: every config field is in its reference table, its
-example config is valid, and so is every config shipped in configs/."""
+"""The README does not drift from the code: its configuration reference is exactly the one
+generated from the config models, its example config is valid, and so is every config shipped
+in configs/."""
 
 from __future__ import annotations
 
@@ -13,117 +14,121 @@ from typing import Any, Literal
 import pytest
 from pydantic import BaseModel
 
-from detector.config import Config, Stream, load_config, parse_config
+from detector import cli
+from detector.config import Config, DynamicRule, Retry, StaticRule, load_config, parse_config
+from detector.errors import DetectorError
+from detector.reference import (
+    END_MARKER,
+    START_MARKER,
+    UPDATE_COMMAND,
+    readme_block,
+    render_reference,
+    sections,
+    update_readme,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 CONFIGS = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs").glob("*.yml")])
 
 
-def reference_rows() -> list[tuple[str, str]]:
-    """(key cell, whole row) of each row of the table under `### Reference`."""
-    start = README.index("### Reference")
-    end = min(i for i in (README.find("\n## ", start), README.find("\n### ", start + 1), len(README)) if i > 0)
-    rows = []
-    for line in README[start:end].splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) >= 2 and not set(cells[0]) <= {"-", " "} and cells[0] != "key":
-            rows.append((cells[0], line))
-    return rows
+def test_readme_reference_is_the_generated_one() -> None:
+    assert readme_block(README) == render_reference(), (
+        f"README.md's configuration reference is stale: run `{UPDATE_COMMAND}` "
+        "(descriptions live in detector/config.py)"
+    )
 
 
-def ticked(text: str) -> list[str]:
-    return re.findall(r"`([^`]+)`", text)
+def reachable_models(model: type[BaseModel] = Config) -> Iterator[type[BaseModel]]:
+    """Every model inside Config's field types (through Optional, unions, lists, dict values),
+    found independently of `detector.reference` so a walk that misses one is caught."""
+    yield model
+    for info in model.model_fields.values():
+        yield from _models_in(info.annotation)
 
 
-def submodels(annotation: Any) -> Iterator[type[BaseModel]]:
-    """The pydantic models inside a field's type (through Optional, unions, lists, dicts)."""
+def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        yield annotation
+        yield from reachable_models(annotation)
         return
-    origin = typing.get_origin(annotation)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Literal:
         return
-    args = typing.get_args(annotation)
     if origin is dict:
-        args = args[1:]  # the values, not the keys
-    if origin is typing.Annotated or origin in (typing.Union, types.UnionType, list, tuple, dict):
-        for arg in args[:1] if origin is typing.Annotated else args:
-            yield from submodels(arg)
+        args = args[1:]
+    if origin is typing.Annotated:
+        args = args[:1]
+    if origin is typing.Annotated or origin in (typing.Union, types.UnionType, list, dict):
+        for arg in args:
+            yield from _models_in(arg)
 
 
-def tag_of(model: type[BaseModel]) -> str | None:
-    """The discriminator value of a union member (`static` for StaticRule), if it has one."""
-    for name in ("rule", "kind"):
-        field = model.model_fields.get(name)
-        if field is not None and typing.get_origin(field.annotation) is Literal:
-            return str(typing.get_args(field.annotation)[0])
-    return None
+def test_reference_has_a_section_for_every_model() -> None:
+    models = set(reachable_models())
+    assert {StaticRule, DynamicRule, Retry} <= models  # the walk reaches union members and list items
+    assert {s.model for s in sections()} == models
 
 
-def config_fields(
-    model: type[BaseModel] = Config, prefix: str = "", sections: frozenset[str] = frozenset()
-) -> Iterator[tuple[str, str, frozenset[str], bool]]:
-    """(path, field name, names a documenting row's key may start with, is a section) for every
-    field. Stream fields are documented relative to the stream (`window.size`)."""
-    for name, info in model.model_fields.items():
-        path = f"{prefix}.{name}" if prefix else name
-        about = sections or frozenset({path})
-        subs = list(submodels(info.annotation))
-        yield path, name, about, bool(subs)
-        for sub in subs:
-            if sub is Stream:
-                yield from config_fields(Stream)
-            else:
-                tag = tag_of(sub) if len(subs) > 1 else None
-                yield from config_fields(sub, path, about | ({tag} if tag else set()))
+def test_every_field_and_section_is_described() -> None:
+    undescribed = [
+        f"{model.__name__}.{name}"
+        for model in set(reachable_models())
+        for name, info in model.model_fields.items()
+        if not (info.description or "").strip()
+    ]
+    assert undescribed == []
+    assert [m.__name__ for m in set(reachable_models()) if not (m.__doc__ or "").strip()] == []
 
 
-def is_documented(path: str, name: str, about: frozenset[str], section: bool, rows: list[tuple[str, str]]) -> bool:
-    for key, row in rows:
-        keys = ticked(key)
-        if path in keys:
-            return True
-        if section and any(k.startswith(path + ".") for k in keys):
-            return True  # `thresholds` is documented by its `thresholds.*` rows
-        row_is_about = any(k in about or k.split(".")[0] in about for k in keys)
-        if row_is_about and (
-            any(t == name or t.endswith("." + name) for t in ticked(row)) or re.search(rf"\b{name}\b", key)
-        ):
-            return True
-    return False
-
-
-def test_walk_finds_nested_fields() -> None:
-    # The walk itself must reach union members and list items, or the test below proves nothing.
-    found = {(path, name) for path, name, _, _ in config_fields()}
-    for expected in [
-        ("streams", "streams"),
-        ("scoring.batch_windows", "batch_windows"),
-        ("input.topic", "topic"),
-        ("input.format", "format"),
-        ("mapping.features.default", "default"),
-        ("thresholds.warning.factor", "factor"),
-        ("thresholds.critical.warmup", "warmup"),
-        ("training.trim_fraction", "trim_fraction"),
-    ]:
-        assert expected in found
-
-
-def test_every_config_field_is_in_the_readme_reference() -> None:
-    rows = reference_rows()
-    assert len(rows) > 20
-    missing = sorted(
-        {path for path, name, about, section in config_fields() if not is_documented(path, name, about, section, rows)}
+def test_reference_rows_name_every_field_with_type_and_default() -> None:
+    text = render_reference()
+    for section in sections():
+        for name in section.model.model_fields:
+            assert re.search(rf"^\| `{name}` \|", text, flags=re.MULTILINE), name
+    # Constraints, literals, optionals and defaults come out readable.
+    assert "| `size` | 2 ≤ int ≤ 4096 | 64 | samples per window |" in text
+    assert "| `cell` | `lstm` \\| `gru` \\| `rnn` | `lstm` |" in text
+    assert "| `grad_clip` | float > 0 or `null` | 1.0 |" in text
+    assert "| `features` | non-empty list of objects | required |" in text
+    assert (
+        "| `warning` | object, `rule`: `static` \\| `quantile` \\| `dynamic` | `{rule: quantile, q: 0.995}` |" in text
     )
-    assert missing == [], f"README.md ### Reference lacks: {', '.join(missing)}"
+    # Each union member has its own table, and a reused model is listed once with all its paths.
+    assert "#### `streams.<name>.input` with `kind: file`" in text
+    assert "#### `sinks.alertmanager[].retry`, `sinks.webhooks[].retry`" in text
+    # Caveats that used to live only in the hand-written table.
+    assert "Mixed rule kinds" in text
+    assert "Not `latest` on Tansu" in text
 
 
-def test_readme_drift_check_notices_a_missing_field() -> None:
-    rows = [(key, row) for key, row in reference_rows() if "training.seed" not in key]
-    fields = {path: (path, name, about, section) for path, name, about, section in config_fields()}
-    assert not is_documented(*fields["training.seed"], rows)
-    assert is_documented(*fields["training.grad_clip"], rows)
+def test_update_readme_rewrites_only_the_block(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{START_MARKER}\n| stale | table |\n{END_MARKER}\nafter\n")
+    assert readme_block(readme.read_text()) != render_reference()
+    assert update_readme(readme) is True
+    text = readme.read_text()
+    assert readme_block(text) == render_reference()
+    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{END_MARKER}\nafter\n")
+    assert update_readme(readme) is False
+    assert readme.read_text() == text
+
+
+def test_readme_without_markers_is_an_error(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# no reference here\n")
+    with pytest.raises(DetectorError, match="config-reference:start"):
+        update_readme(readme)
+    assert cli.main(["config-reference", "--update-readme", "--readme", str(readme)]) == cli.EXIT_USAGE
+
+
+def test_cli_prints_and_updates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["config-reference"]) == cli.EXIT_OK
+    assert capsys.readouterr().out == render_reference()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{START_MARKER}\n{END_MARKER}\n")
+    assert cli.main(["config-reference", "--update-readme", "--readme", str(readme)]) == cli.EXIT_OK
+    assert "updated" in capsys.readouterr().err
+    assert readme_block(readme.read_text()) == render_reference()
 
 
 def test_readme_example_config_is_valid() -> None:

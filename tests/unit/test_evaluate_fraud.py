@@ -1,0 +1,217 @@
+"""`detector evaluate fraud`: metrics on hand-computed cases, features on a hand-built table,
+and one end-to-end run on tiny synthetic transactions."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detector.config import load_config
+from detector.evaluate_fraud import (
+    DAY_S,
+    FraudSplit,
+    Transactions,
+    auc_roc,
+    average_precision,
+    card_precision_at_k,
+    evaluate_fraud,
+    load_transactions,
+    rolling_count_sum,
+    transaction_features,
+    write_fraud_report,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+def test_auc_roc_hand_computed() -> None:
+    # Pairs (pos, neg): 0.35>0.1 yes, 0.35>0.4 no, 0.8>both yes: 3 of 4.
+    assert auc_roc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    assert auc_roc(np.array([0, 1]), np.array([0.2, 0.9])) == 1.0
+    assert auc_roc(np.array([1, 0]), np.array([0.2, 0.9])) == 0.0
+
+
+def test_auc_roc_ties_count_half() -> None:
+    assert auc_roc(np.array([0, 1]), np.array([0.5, 0.5])) == 0.5
+    # pos 0.5 vs negs 0.5 (tie: 1/2) and 0.1 (win: 1) -> 1.5 / 2
+    assert auc_roc(np.array([0, 0, 1]), np.array([0.5, 0.1, 0.5])) == pytest.approx(0.75)
+
+
+def test_metrics_undefined_without_both_classes() -> None:
+    assert math.isnan(auc_roc(np.array([0, 0]), np.array([0.1, 0.2])))
+    assert math.isnan(average_precision(np.array([0, 0]), np.array([0.1, 0.2])))
+
+
+def test_average_precision_hand_computed() -> None:
+    # Highest first: 0.8 (fraud) P=1 R=.5; 0.4 (genuine); 0.35 (fraud) P=2/3 R=1.
+    # AP = .5*1 + .5*2/3 = 5/6.
+    ap = average_precision(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+    assert ap == pytest.approx(5 / 6)
+    assert average_precision(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8])) == 1.0
+
+
+def test_average_precision_ties_form_one_threshold() -> None:
+    # One threshold takes both rows at once: P = 1/2, R = 1.
+    assert average_precision(np.array([1, 0]), np.array([0.5, 0.5])) == 0.5
+    # 0.9 (fraud) P=1 R=1/2; then the tie {0.3 fraud, 0.3 genuine}: P=2/3 R=1 -> .5 + .5*2/3
+    ap = average_precision(np.array([1, 1, 0]), np.array([0.9, 0.3, 0.3]))
+    assert ap == pytest.approx(0.5 + 1 / 3)
+
+
+def test_metrics_match_scikit_learn() -> None:
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    y = (rng.random(500) < 0.1).astype(int)
+    s = np.round(rng.random(500) + 0.3 * y, 2)  # rounding makes ties
+    assert auc_roc(y, s) == pytest.approx(metrics.roc_auc_score(y, s))
+    assert average_precision(y, s) == pytest.approx(metrics.average_precision_score(y, s))
+
+
+def test_card_precision_at_k_per_day() -> None:
+    # Day 0: customer max scores 1: .9 (fraud), 2: .8, 3: .1 (fraud) -> top 2 = {1, 2}: 1/2.
+    # Day 1: 1: .2, 3: .7 (fraud) -> top 2 = {3, 1}: 1/2 ... plus customer 2: .6 -> {3, 2}: 1/2.
+    day = np.array([0, 0, 0, 0, 1, 1, 1])
+    cust = np.array([1, 1, 2, 3, 1, 3, 2])
+    label = np.array([0, 1, 0, 1, 0, 1, 0])
+    score = np.array([0.9, 0.3, 0.8, 0.1, 0.2, 0.7, 0.6])
+    mean, per_day = card_precision_at_k(day, cust, label, score, k=2)
+    assert per_day == [0.5, 0.5]
+    assert mean == 0.5
+    # With k = 3 every customer of day 0 is taken: 2 fraudulent of 3.
+    _, per_day = card_precision_at_k(day, cust, label, score, k=3)
+    assert per_day[0] == pytest.approx(2 / 3)
+
+
+# --- features ---------------------------------------------------------------------------
+
+
+def _table() -> Transactions:
+    # customer 1: t=0 ($10, terminal 7), 1 h ($20, terminal 8), 2 days ($30, terminal 7);
+    # customer 2: 30 min ($40, terminal 7).
+    return Transactions(
+        timestamp_s=np.array([0, 1800, 3600, 2 * DAY_S]),
+        customer=np.array([1, 2, 1, 1]),
+        terminal=np.array([7, 7, 8, 7]),
+        amount=np.array([10.0, 40.0, 20.0, 30.0]),
+        is_fraud=np.zeros(4, np.int8),
+        scenario=np.zeros(4, np.int8),
+    )
+
+
+def test_transaction_features_by_hand() -> None:
+    f = transaction_features(_table())
+    np.testing.assert_allclose(f["customer_nb_tx_1d"], [1, 1, 2, 1])
+    np.testing.assert_allclose(f["customer_avg_amount_1d"], [10, 40, 15, 30])
+    np.testing.assert_allclose(f["customer_nb_tx_7d"], [1, 1, 2, 3])
+    np.testing.assert_allclose(f["customer_avg_amount_7d"], [10, 40, 15, 20])
+    # Earlier 30-day mean: none (1), none (1), 10 -> 20/10, 15 -> 30/15.
+    np.testing.assert_allclose(f["customer_amount_ratio"], [1, 1, 2, 2])
+    hours = np.expm1(f["customer_log_hours_since_previous"])
+    np.testing.assert_allclose(hours, [30 * 24, 30 * 24, 1, 47])
+    np.testing.assert_allclose(f["terminal_nb_tx_1d"], [1, 2, 1, 1])
+    np.testing.assert_allclose(f["terminal_avg_amount_1d"], [10, 25, 20, 30])
+    np.testing.assert_allclose(f["terminal_nb_tx_30d"], [1, 2, 1, 3])
+    np.testing.assert_allclose(f["log_amount"], np.log1p([10, 40, 20, 30]))
+
+
+def test_rolling_window_excludes_its_left_edge() -> None:
+    # (t - w, t]: the row exactly w earlier is out, one a second later is in.
+    count, total = rolling_count_sum(np.array([5, 5, 5]), np.array([0, 1, 100]), np.array([1.0, 2.0, 4.0]), 100)
+    np.testing.assert_array_equal(count, [1, 2, 2])
+    np.testing.assert_allclose(total, [1, 3, 6])
+
+
+def test_features_depend_only_on_the_past() -> None:
+    # Appending a later transaction changes none of the earlier rows' features (online-computable).
+    tx = _table()
+    later = Transactions(*(np.append(getattr(tx, n), v) for n, v in
+                           zip(("timestamp_s", "customer", "terminal", "amount", "is_fraud", "scenario"),
+                               (2 * DAY_S + 60, 1, 7, 500.0, 1, 1), strict=True)))  # fmt: skip
+    before, after = transaction_features(tx), transaction_features(later)
+    for name in before:
+        np.testing.assert_allclose(after[name][:4], before[name], err_msg=name)
+
+
+def test_transactions_config_uses_known_features() -> None:
+    config = load_config(ROOT / "configs/transactions.yaml")
+    names = set(transaction_features(_table()))
+    for stream in config.streams.values():
+        assert set(stream.mapping.feature_names) <= names
+
+
+# --- end to end -------------------------------------------------------------------------
+
+TINY_CONFIG = """
+scoring: {threads: 1}
+streams:
+  customers:
+    input: {kind: kafka, topic: t}
+    mapping:
+      entity: [customer_id]
+      features: [log_amount, customer_amount_ratio, customer_nb_tx_1d]
+    window: {size: 2}
+    model: {cell: gru, hidden_size: 4, latent_size: 2}
+    training: {epochs: 3, batch_size: 32, seed: 0}
+    thresholds: {warning: {rule: quantile, q: 0.99}}
+  terminals:
+    input: {kind: kafka, topic: t}
+    mapping:
+      entity: [terminal_id]
+      features: [log_amount, terminal_nb_tx_1d]
+    window: {size: 2}
+    model: {cell: gru, hidden_size: 4, latent_size: 2}
+    training: {epochs: 3, batch_size: 32, seed: 0}
+    thresholds: {warning: {rule: quantile, q: 0.99}}
+"""
+
+
+def _write_synthetic(path: Path) -> None:
+    """4 days, 20 customers with 6 transactions a day around their own mean amount; on the
+    last day each of 5 customers has one fraud at 40x its mean."""
+    rng = np.random.default_rng(1)
+    rows = []
+    tx_id = 0
+    for day in range(4):
+        for c in range(20):
+            mean = 10 + 5 * c
+            for k in range(6):
+                t = day * DAY_S + k * 3600 + c * 60
+                fraud = day == 3 and c % 4 == 0 and k == 3
+                amount = mean * (40 if fraud else rng.uniform(0.8, 1.2))
+                rows.append((t, tx_id, c, (c + k) % 7, round(amount, 2), int(fraud), 1 if fraud else 0))
+                tx_id += 1
+    rows.sort()
+    with gzip.open(path, "wt") as f:
+        f.write("timestamp,transaction_id,customer_id,terminal_id,amount,is_fraud,fraud_scenario\n")
+        for t, i, c, term, amount, fraud, sc in rows:
+            stamp = str(np.datetime64(1530403200 + t, "s")).replace("T", " ")
+            f.write(f"{stamp},{i},{c},{term},{amount},{fraud},{sc}\n")
+
+
+def test_end_to_end_on_tiny_synthetic_data(tmp_path: Path) -> None:
+    data = tmp_path / "tx.csv.gz"
+    _write_synthetic(data)
+    assert len(load_transactions(data)) == 4 * 20 * 6
+    config = tmp_path / "transactions.yaml"
+    config.write_text(TINY_CONFIG)
+    out = tmp_path / "out"
+    report = evaluate_fraud(tmp_path, config, out, split=FraudSplit(1, 1, 1, 1), data_file=data)
+    assert report.test_transactions == 20 * 6
+    assert report.test_frauds == 5
+    assert set(report.results) == {"combined", "customers", "terminals"}
+    customers = report.results["customers"]
+    # A 40x amount against the card's own history is the easiest fraud there is.
+    assert customers.auc_roc > 0.9
+    assert 0 < customers.average_precision <= 1
+    assert len(report.card_precision_per_day) == 1
+    saved = json.loads(write_fraud_report(report, out).read_text())
+    assert saved["results"]["combined"]["auc_roc"] == pytest.approx(report.results["combined"].auc_roc)
+    with gzip.open(out / "scores.csv.gz", "rt") as f:
+        assert sum(1 for _ in f) == 1 + 20 * 6
