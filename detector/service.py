@@ -387,8 +387,13 @@ class Daemon:
             self._record(name, rt, records, samples.positions, samples.entities, samples.timestamps, result)
             for alert in result.alerts:
                 m.alerts.labels(name, alert.severity, alert.status).inc()
-            for pos, entity, ts in zip(samples.positions, samples.entities, samples.timestamps, strict=True):
-                alert_times[(name, entity, int(ts))] = records[int(pos)].timestamp
+            if result.alerts:
+                # The Kafka timestamp of the record that completed each alert's window, for the
+                # end-to-end latency; looked up only in batches that alert (few), off the hot path.
+                wanted = {(a.entity, a.window_end_ms) for a in result.alerts}
+                for pos, entity, ts in zip(samples.positions, samples.entities, samples.timestamps, strict=True):
+                    if (entity, int(ts)) in wanted:
+                        alert_times[(name, entity, int(ts))] = records[int(pos)].timestamp
             alerts.extend(result.alerts)
 
         for sink in self.sinks:
