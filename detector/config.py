@@ -164,6 +164,13 @@ class ModelSpec(_Model):
         False,
         description="decoder attends over encoder states: sharper reconstructions, but it can copy anomalies through",
     )
+    score_last_steps: int | None = Field(
+        None,
+        ge=1,
+        description="score a window by the error of its last N steps only (`null`: all steps). One odd "
+        "record (a payment) is diluted by the mean over the whole window; the newest steps say what just "
+        "changed. At most `window.size`; thresholds fitted in training use the same score",
+    )
 
 
 class Training(_Model):
@@ -352,16 +359,27 @@ class Stream(_Model):
         None, description="model file the stream scores with (relative to the config file's folder)"
     )
 
+    @model_validator(mode="after")
+    def _score_steps_within_window(self) -> Stream:
+        steps = self.model.score_last_steps
+        if steps is not None and steps > self.window.size:
+            raise ValueError(f"model.score_last_steps ({steps}) must be <= window.size ({self.window.size})")
+        return self
+
     def layout_hash(self) -> str:
         """Hash of everything a trained model depends on (features, window, scaling, model).
 
         Thresholds and alert policy are left out: changing them needs no retraining.
         """
+        model = self.model.model_dump()
+        if model["score_last_steps"] is None:
+            # Added later: leaving it out when unset keeps the hashes of earlier checkpoints valid.
+            del model["score_last_steps"]
         parts = {
             "features": self.mapping.feature_names,
             "window": self.window.model_dump(),
             "normalization": self.normalization.model_dump(),
-            "model": self.model.model_dump(),
+            "model": model,
         }
         blob = json.dumps(parts, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

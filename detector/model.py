@@ -74,14 +74,20 @@ class RecurrentAutoencoder(nn.Module):
         return out
 
 
-def reconstruction_error(model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean squared reconstruction error per window and per feature.
+def reconstruction_error(
+    model: nn.Module, windows: torch.Tensor, last_steps: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean squared reconstruction error per window and per feature, over the window's last
+    `last_steps` steps (all when None).
 
     Shape:
         windows: (B, W, D)
         returns: per-window (B,), per-feature (B, D)
     """
-    per_feature = (model(windows) - windows).pow(2).mean(dim=1)
+    squared = (model(windows) - windows).pow(2)
+    if last_steps is not None:
+        squared = squared[:, -last_steps:, :]
+    per_feature = squared.mean(dim=1)
     return per_feature.mean(dim=1), per_feature
 
 
@@ -92,7 +98,9 @@ def reconstruction_error(model: nn.Module, windows: torch.Tensor) -> tuple[torch
 _PASS_ROWS = 16
 
 
-def score_windows(model: nn.Module, windows: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def score_windows(
+    model: nn.Module, windows: np.ndarray, batch_size: int = 1024, last_steps: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Score normalized windows in batches, in inference mode.
 
     A window's score does not depend on the other windows scored with it (forward passes are
@@ -113,7 +121,7 @@ def score_windows(model: nn.Module, windows: np.ndarray, batch_size: int = 1024)
             rows = -(-len(chunk) // _PASS_ROWS) * _PASS_ROWS
             if rows > len(chunk):
                 chunk = torch.cat([chunk, chunk.new_zeros((rows - len(chunk), *chunk.shape[1:]))])
-            s, f = reconstruction_error(model, chunk)
+            s, f = reconstruction_error(model, chunk, last_steps)
             n = min(batch_size, len(tensor) - start)
             scores.append(s[:n].numpy())
             features.append(f[:n].numpy())

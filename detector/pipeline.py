@@ -94,7 +94,10 @@ class Pipeline:
         if mode == "fill" or len(ready) == 0:
             return BatchResult(score, threshold, severity, alert_ids, rejected, alerts, 0)
 
-        scores, per_feature = score_windows(self.checkpoint.model, ready.values, self.scoring.batch_windows)
+        model = self.checkpoint.model
+        scores, per_feature = score_windows(
+            model, ready.values, self.scoring.batch_windows, model.spec.score_last_steps
+        )
         sev = self.rules.apply(ready.slots, scores)
         rows = ready.rows
         score[rows] = scores

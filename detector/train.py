@@ -167,7 +167,8 @@ def fit(
         bar.close()
     model.load_state_dict(best_state)
     model.eval()
-    val_errors = score_windows(model, x_val.numpy())[0]
+    # Thresholds compare against live scores, so the held-out errors are scored the same way.
+    val_errors = score_windows(model, x_val.numpy(), last_steps=stream.model.score_last_steps)[0]
     return Checkpoint(
         model=model,
         scaler=scaler,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -755,3 +757,30 @@ def test_any_env_value_is_substituted_verbatim_and_masked(value: str) -> None:
 def test_config_model_validate_directly_rejects_bad_types() -> None:
     with pytest.raises(pydantic.ValidationError):
         Config.model_validate({"streams": {"web": {"input": 5, "mapping": {"features": ["a"]}}}})
+
+
+def test_score_last_steps_must_fit_the_window() -> None:
+    data = base()
+    data["streams"]["web"]["window"] = {"size": 8}
+    data["streams"]["web"]["model"] = {"score_last_steps": 9}
+    assert only_problem(data) == "streams.web: Value error, model.score_last_steps (9) must be <= window.size (8)"
+    data["streams"]["web"]["model"] = {"score_last_steps": 8}
+    parse_config(yaml.safe_dump(data))
+
+
+def test_score_last_steps_changes_the_layout_only_when_set() -> None:
+    # Unset, the hash must equal the one checkpoints trained before the option existed carry.
+    stream = parse_config(yaml.safe_dump(base()))[0].streams["web"]
+    model = stream.model.model_dump()
+    del model["score_last_steps"]
+    parts = {
+        "features": stream.mapping.feature_names,
+        "window": stream.window.model_dump(),
+        "normalization": stream.normalization.model_dump(),
+        "model": model,
+    }
+    before = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    assert stream.layout_hash() == before
+    data = base()
+    data["streams"]["web"]["model"] = {"score_last_steps": 1}
+    assert parse_config(yaml.safe_dump(data))[0].streams["web"].layout_hash() != before

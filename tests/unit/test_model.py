@@ -462,3 +462,36 @@ def test_checkpoint_that_would_run_code_is_refused(
     assert "refused" in message
     assert "weights_only" not in message  # no advice to bypass the safe loader
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("last_steps", [1, 3, WINDOW])
+def test_last_steps_scores_only_the_newest_errors(last_steps: int) -> None:
+    model = RecurrentAutoencoder(2, ModelSpec(hidden_size=8, latent_size=2)).eval()
+    windows = np.random.default_rng(1).normal(size=(5, WINDOW, 2)).astype(np.float32)
+    with torch.inference_mode():
+        squared = (model(torch.from_numpy(windows)) - torch.from_numpy(windows)).pow(2).numpy()
+    scores, features = score_windows(model, windows, last_steps=last_steps)
+    expected_features = squared[:, -last_steps:, :].mean(axis=1)
+    np.testing.assert_allclose(features, expected_features, rtol=1e-5)
+    np.testing.assert_allclose(scores, expected_features.mean(axis=1), rtol=1e-5)
+    # A spike before the scored steps does not move the score; one inside them does.
+    if last_steps < WINDOW:
+        early = windows.copy()
+        early[:, 0, 0] += 50.0
+        late = windows.copy()
+        late[:, -1, 0] += 50.0
+        early_scores, _ = score_windows(model, early, last_steps=last_steps)
+        late_scores, _ = score_windows(model, late, last_steps=last_steps)
+        assert np.all(late_scores > scores)
+        assert np.all(np.abs(early_scores - scores) < np.abs(late_scores - scores))
+
+
+def test_thresholds_are_fitted_on_the_same_score_as_live_scoring() -> None:
+    stream = make_stream(model={"score_last_steps": 2}, training={"epochs": 2})
+    ckpt = fit("web", stream, periodic_samples(), progress=False)
+    assert ckpt.model.spec.score_last_steps == 2
+    whole = fit("web", make_stream(training={"epochs": 2}), periodic_samples(), progress=False)
+    # Same seed, same weights: only the score differs, and with it the fitted error statistics.
+    for a, b in zip(ckpt.model.parameters(), whole.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert ckpt.errors.mean != whole.errors.mean
