@@ -3,6 +3,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TOOLS := $(VENV)/tools
+TOOLS_TRIED := $(VENV)/.deploy-tools-tried
 
 .PHONY: demo test lint typecheck unit clean deploy-tools
 
@@ -17,12 +19,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/detector demo
 
-test: $(STAMP) lint typecheck
+test: $(STAMP) $(TOOLS_TRIED) lint typecheck
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check detector tests
-	$(BIN)/ruff format --check detector tests
+	$(BIN)/ruff check detector tests scripts deploy
+	$(BIN)/ruff format --check detector tests scripts deploy
 
 typecheck: $(STAMP)
 	$(BIN)/mypy detector
@@ -31,10 +33,13 @@ unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
 # prometheus, promtool, alertmanager and amtool from Debian's packages, unpacked into .venv/tools
-# (nothing is installed system-wide, no service starts). Optional and explicit: `make test` never
-# downloads them; tests/unit/test_deploy.py and tests/integration/test_prometheus.py use them
-# when they are here or on PATH, and skip with the reason when not.
-TOOLS := $(VENV)/tools
+# (nothing is installed system-wide, no service starts). tests/unit/test_deploy.py and
+# tests/integration/test_prometheus.py use them when they are here or on PATH, and skip with
+# the reason when not. `make test` tries once per venv and carries on where apt is unavailable.
+$(TOOLS_TRIED): $(STAMP)
+	-$(MAKE) --no-print-directory deploy-tools
+	touch $(TOOLS_TRIED)
+
 deploy-tools:
 	rm -rf $(TOOLS) && mkdir -p $(TOOLS)/debs
 	cd $(TOOLS)/debs && apt-get download prometheus prometheus-alertmanager
