@@ -451,8 +451,9 @@ class Daemon:
         m = self.metrics
         m.windows_scored.labels(name, "live").inc(result.windows)
         scored = ~np.isnan(result.score)
-        for score in result.score[scored]:
-            m.score.labels(name).observe(float(score))
+        histogram = m.score.labels(name)  # one label lookup per batch, not per window
+        for score in result.score[scored].tolist():
+            histogram.observe(score)
         for level in (1, 2):
             count = int((result.severity == level).sum())
             if count:
