@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TOOLS := $(VENV)/tools
 TOOLS_TRIED := $(VENV)/.deploy-tools-tried
 
-.PHONY: demo test lint typecheck unit clean deploy-tools
+.PHONY: demo test lint typecheck unit clean deploy-tools bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,14 +23,21 @@ test: $(STAMP) $(TOOLS_TRIED) lint typecheck
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check detector tests scripts deploy
-	$(BIN)/ruff format --check detector tests scripts deploy
+	$(BIN)/ruff check detector tests scripts deploy benchmarks
+	$(BIN)/ruff format --check detector tests scripts deploy benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy detector
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
+
+# The short benchmark set (a few minutes on two cores); each script prints its settings and
+# tables, and takes --help for the full grids. Results and commands: docs/performance.md.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/model_throughput.py
+	$(BIN)/python benchmarks/window_memory.py
+	$(BIN)/python benchmarks/end_to_end.py
 
 # prometheus, promtool, alertmanager and amtool from Debian's packages, unpacked into .venv/tools
 # (nothing is installed system-wide, no service starts). tests/unit/test_deploy.py and

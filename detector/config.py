@@ -390,7 +390,10 @@ class Scoring(_Model):
 
     threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads; `null`: all cores")
     batch_windows: int = Field(
-        1024, ge=1, description="windows per forward pass; bigger batches are faster per window up to a point"
+        256,
+        ge=1,
+        description="windows per forward pass; scores do not depend on it. 256 measured fastest here: bigger "
+        "passes fall out of cache (docs/performance.md)",
     )
     batch_records: int = Field(
         1000,
