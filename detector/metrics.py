@@ -8,7 +8,7 @@ never entity ids.
 `HealthServer` serves, from a background thread:
 - `GET /metrics`: the registry in the Prometheus text format;
 - `GET /-/healthy`: 200 while the daemon's loop runs;
-- `GET /-/ready`: 200 once the models are loaded and partitions are assigned, else 503;
+- `GET /-/ready`: 200 once the models are loaded and the group gave this member its share (maybe none), else 503;
 - `POST /-/reload`: asks the daemon to reload thresholds and alert policy; 200 when the new
   config was applied, 500 (with the reason) when it was rejected and the old one kept.
 """
@@ -124,7 +124,9 @@ class Metrics:
         self.sink_queue = Gauge(
             "detector_sink_queue_length", "Deliveries waiting in a sink's queue.", ["sink"], registry=r
         )
-        self.ready = Gauge("detector_ready", "1 when models are loaded and partitions assigned.", registry=r)
+        self.ready = Gauge(
+            "detector_ready", "1 when models are loaded and the consumer has joined its group.", registry=r
+        )
         self.reload_success.set(1)
 
 

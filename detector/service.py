@@ -334,8 +334,10 @@ class Daemon:
                 committed,
                 start,
             )
-        self._ready = bool(assigned)
-        self.metrics.ready.set(int(self._ready))
+        # Ready once the group has given this member its share, even none: a replica beyond the
+        # partition count is a standby that takes partitions over when a member leaves.
+        self._ready = True
+        self.metrics.ready.set(1)
 
     # --- one micro-batch -------------------------------------------------------------------
 

@@ -303,7 +303,7 @@ def test_deployment_resources_security_and_grace() -> None:
     # A read-only root filesystem needs a writable /tmp.
     assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])
     assert pod["terminationGracePeriodSeconds"] > config.service.grace_period_s
-    # A surge pod in a full consumer group gets no partition and never becomes ready.
+    # One pod at a time: every membership change is a rebalance and a window refill.
     assert objects["Deployment"]["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
 
 

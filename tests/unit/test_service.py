@@ -297,3 +297,18 @@ def test_readme_daemon_example_is_valid(monkeypatch: pytest.MonkeyPatch) -> None
     assert config.sinks.alertmanager[0].labels == {"team": "sre"}
     assert "kafka.sasl_plain_password" in secrets
     kafka_streams(config)
+
+
+def test_a_member_with_no_partitions_is_a_ready_standby(tmp_path: Path) -> None:
+    # More replicas than partitions: the group gives this one nothing. It is still ready, so
+    # rollouts do not stall on it and it takes partitions over when another member leaves.
+    daemon = build_daemon(tmp_path)
+    daemon.consumer = FakeConsumer([], daemon)
+    assert not daemon.is_ready()
+    daemon._assigned = set()
+    daemon._on_rebalance([])
+    assert daemon.is_ready()
+    assert daemon.registry.get_sample_value("detector_ready") == 1
+    daemon._revoked = True  # a rebalance starts: not ready until the next assignment
+    daemon._on_rebalance([])
+    assert not daemon.is_ready()
