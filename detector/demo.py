@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from detector.config import Config, FileInput, Stream, load_config
+from detector.config import Config, FileInput, KafkaInput, Stream, load_config
 from detector.errors import DetectorError
 from detector.model import save_checkpoint
 from detector.replay import Summary, TrainSplit, read_samples, replay_file
@@ -439,8 +439,6 @@ def run_live(
 
 
 def _topic(stream: Stream) -> str:
-    from detector.config import KafkaInput
-
     if not isinstance(stream.input, KafkaInput):
         raise DetectorError("the demo streams must read from Kafka (input.kind: kafka)")
     return stream.input.topic

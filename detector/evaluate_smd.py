@@ -89,6 +89,10 @@ def detection_rows(flagged: np.ndarray) -> np.ndarray:
     return segments(flagged)[:, 0]
 
 
+def _f1(precision: float, recall: float) -> float:
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
 @dataclass(frozen=True)
 class PointScores:
     """Row counts and precision/recall/F1 (0 where undefined: nothing flagged or nothing labeled)."""
@@ -107,8 +111,7 @@ class PointScores:
 
     @property
     def f1(self) -> float:
-        p, r = self.precision, self.recall
-        return 2 * p * r / (p + r) if p + r else 0.0
+        return _f1(self.precision, self.recall)
 
     def __add__(self, other: PointScores) -> PointScores:
         return PointScores(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn)
@@ -165,8 +168,7 @@ class EventScores:
 
     @property
     def f1(self) -> float:
-        p, r = self.precision, self.recall
-        return 2 * p * r / (p + r) if p + r else 0.0
+        return _f1(self.precision, self.recall)
 
     def __add__(self, other: EventScores) -> EventScores:
         return EventScores(
