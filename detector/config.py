@@ -100,6 +100,14 @@ class Mapping(_Model):
     out_of_order: Literal["drop", "accept"] = Field(
         "drop", description="a sample older than its entity's newest is rejected (`drop`: counted, reported) or used"
     )
+    max_future_s: float | None = Field(
+        86_400.0,
+        gt=0,
+        description="a record whose timestamp is more than this many seconds ahead of the wall clock is rejected "
+        "(`future_timestamp`): with `out_of_order: drop`, one far-future sample would make every later sample of "
+        "its entity out of order. Checked by `run`, `replay` and `train` alike; `null`: no limit (replaying "
+        "synthetic data dated in the future)",
+    )
 
     @field_validator("entity", mode="before")
     @classmethod
@@ -136,6 +144,15 @@ class Window(_Model):
 
     size: int = Field(64, ge=2, le=4096, description="samples per window")
     stride: int = Field(1, ge=1, le=4096, description="a window is scored every `stride` samples once `size` are there")
+    idle_evict_after_s: float | None = Field(
+        None,
+        gt=0,
+        description="evict an entity once the stream's event time (its newest timestamp) passes the "
+        "entity's newest sample by more than this: its window, threshold and alert state are freed (an "
+        "open incident gets a `resolved` event with reason `idle`), and if it sends again it starts as a "
+        "new entity. Bounds memory when entities come and go. `null`: never. Set it above the longest "
+        "normal silence of an entity and above the event-time skew between partitions",
+    )
 
 
 class Normalization(_Model):
@@ -340,6 +357,107 @@ class AlertPolicy(_Model):
         return self.resolve_after or self.m
 
 
+class Retraining(_Model):
+    """Continuous fine-tuning of the stream's model on recent normal windows.
+
+    Windows scored normal go into a bounded reservoir (recent-biased: once full, each new
+    window replaces a random one), leaving out anomalous windows and `exclude_neighbours`
+    windows of the same entity on either side of them. Every `every_windows` scored windows
+    and/or `interval_s` of event time, a copy of the model is fine-tuned on the reservoir
+    (in a background thread under `detector run`; in line, at a batch boundary, under
+    `detector replay`, so replays are reproducible), and kept only when its mean
+    reconstruction error on a held-out recent sample is at most (1 + `tolerance`) times the
+    current model's. The scoring loop swaps it in between batches, keeping windows and alert
+    state; thresholds are refitted from the new model's errors on the held-out sample.
+    """
+
+    enabled: bool = Field(False, description="fine-tune the model on recent normal windows")
+    every_windows: int | None = Field(
+        5000, ge=1, description="retrain after this many scored windows (of all entities); `null`: only by time"
+    )
+    interval_s: float | None = Field(
+        None, gt=0, description="retrain after this many seconds of event time; `null`: only by window count"
+    )
+    reservoir_size: int = Field(2048, ge=16, le=1_000_000, description="normal windows kept to train on")
+    min_windows: int = Field(
+        256, ge=8, description="no retraining until the reservoir holds this many windows (at most `reservoir_size`)"
+    )
+    epochs: int = Field(3, ge=1, le=1000, description="passes over the reservoir per retraining")
+    learning_rate: float = Field(5e-4, gt=0, description="AdamW learning rate of the fine-tuning")
+    batch_size: int = Field(64, ge=1, description="windows per optimisation step")
+    validation_fraction: float = Field(
+        0.2, gt=0, lt=1, description="the most recent fraction of the reservoir, held out to validate candidates"
+    )
+    exclude_anomalous: bool = Field(True, description="keep anomalous windows out of the reservoir")
+    exclude_neighbours: int = Field(
+        16,
+        ge=0,
+        description="also keep out this many windows of the entity before and after each anomalous one (their "
+        "overlap with the anomaly, and its onset before the score crossed the threshold)",
+    )
+    tolerance: float = Field(
+        0.05,
+        ge=0,
+        description="a candidate is kept when its held-out mean error is at most (1 + `tolerance`) times the "
+        "current model's on the same windows",
+    )
+    threads: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="torch intra-op threads while fine-tuning; torch has one such setting per process, so scoring "
+        "uses at most this many too while a retraining runs (1 leaves a core to each)",
+    )
+    seed: int = Field(0, description="seeds the reservoir's sampling and the fine-tuning's batch order")
+
+    @model_validator(mode="after")
+    def _has_trigger(self) -> Retraining:
+        if self.enabled and self.every_windows is None and self.interval_s is None:
+            raise ValueError("retraining needs `every_windows` or `interval_s`")
+        return self
+
+
+class RegimeChange(_Model):
+    """An entity anomalous for long enough is in a new regime, not in an endless incident.
+
+    When an entity's open incident has lasted `after_windows` of its windows or `after_s` of
+    event time, the incident ends with one `regime_change` event (sinks get it like a
+    resolve: it names the firing ids it ends). The entity's normalization is re-centred on
+    its recent values (the mean of its windows during the incident, leaving out those that
+    straddle its onset), its threshold statistics restart, and its next
+    `calibration_windows` windows, which raise no alert, calibrate its thresholds: when their
+    median score is above the median of the model's held-out errors, the entity's thresholds
+    are scaled up by that ratio. Unlike a dynamic rule's `regime_after` (a quiet restart of
+    that rule's statistics), this ends the incident visibly and covers every rule kind.
+    """
+
+    after_windows: int | None = Field(
+        None, ge=1, description="incident length, in the entity's windows, that is a regime change; `null`: never"
+    )
+    after_s: float | None = Field(
+        None, gt=0, description="incident length, in seconds of event time, that is a regime change; `null`: never"
+    )
+    calibration_windows: int = Field(
+        32, ge=1, le=100_000, description="windows after a regime change that calibrate the entity's thresholds"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.after_windows is not None or self.after_s is not None
+
+
+class ColdStart(_Model):
+    """A new entity is scored with the stream's shared model and population thresholds until
+    it has `warmup_windows` windows of its own; its alerts say `cold_start: true` until then."""
+
+    warmup_windows: int = Field(
+        0,
+        ge=0,
+        description="an entity's scored windows before its own threshold statistics apply (a dynamic rule also "
+        "waits for its `warmup` normal scores, and an entity on its population threshold is cold too); 0: only that",
+    )
+
+
 # --- stream and file ---------------------------------------------------------------------
 
 
@@ -358,6 +476,25 @@ class Stream(_Model):
     checkpoint: Path | None = Field(
         None, description="model file the stream scores with (relative to the config file's folder)"
     )
+    retraining: Retraining = Field(
+        default_factory=Retraining, description="continuous fine-tuning on recent normal windows"
+    )
+    regime: RegimeChange = Field(
+        default_factory=RegimeChange, description="when a long incident is a change of regime instead"
+    )
+    cold_start: ColdStart = Field(default_factory=ColdStart, description="how new entities are scored")
+    model_store: Path | None = Field(
+        None,
+        description="directory of versioned checkpoints; the stream scores with its promoted version, and SIGHUP "
+        "picks up a newly promoted one (relative to the config file's folder; not together with `checkpoint`)",
+    )
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> Stream:
+        # Either would be a silent winner: say which one the stream scores with instead.
+        if self.checkpoint is not None and self.model_store is not None:
+            raise ValueError("give `checkpoint` or `model_store`, not both")
+        return self
 
     @model_validator(mode="after")
     def _score_steps_within_window(self) -> Stream:
@@ -377,7 +514,7 @@ class Stream(_Model):
             del model["score_last_steps"]
         parts = {
             "features": self.mapping.feature_names,
-            "window": self.window.model_dump(),
+            "window": self.window.model_dump(exclude={"idle_evict_after_s"}),  # the model does not depend on it
             "normalization": self.normalization.model_dump(),
             "model": model,
         }
@@ -462,6 +599,12 @@ class Kafka(_Model):
         3_000, ge=100, description="group heartbeat; at most a third of `session_timeout_ms`"
     )
     request_timeout_ms: int = Field(30_000, ge=1000, description="broker request timeout")
+    reconnect_backoff_max_ms: int = Field(
+        1000,
+        ge=50,
+        description="longest wait between reconnection attempts to a broker that went away; low, so that "
+        "consumption resumes within seconds of a broker outage (kafka-python's own default is 30 s)",
+    )
     consumer_options: dict[str, Any] = Field(
         default_factory=dict, description="any other kafka-python `KafkaConsumer` setting, passed through unchanged"
     )
@@ -501,8 +644,27 @@ class Retry(_Model):
 
     initial_backoff_s: float = Field(0.5, gt=0, description="wait before the first retry, in seconds")
     max_backoff_s: float = Field(30.0, gt=0, description="longest wait between tries, in seconds")
-    max_attempts: int = Field(8, ge=1, description="tries in all, the first included")
+    max_attempts: int | None = Field(
+        12,
+        ge=1,
+        description="tries in all, the first included (the default spans about 3 minutes of outage); `null`: "
+        "retry until delivered. A sink with `delivery: confirmed` never gives up on a retryable failure",
+    )
     timeout_s: float = Field(5.0, gt=0, description="timeout of each request, in seconds")
+
+
+def _environment_variable_set(cls: type, name: str | None) -> str | None:
+    """The variable must be set when the config is loaded: a sink without its token would only
+    fail (401) at the first alert."""
+    if name is not None and name not in os.environ:
+        raise ValueError(f"environment variable {name} is not set")
+    return name
+
+
+def _one_authorization_header(sink: Any) -> Any:
+    if sink.bearer_token_env is not None and any(h.lower() == "authorization" for h in sink.headers):
+        raise ValueError("set either `bearer_token_env` or an Authorization header, not both")
+    return sink
 
 
 class WebhookSinkConfig(_Model):
@@ -518,7 +680,22 @@ class WebhookSinkConfig(_Model):
         description="deliveries waiting; when full, new alerts are dropped, counted "
         '(`detector_sink_dropped_total{cause="queue_full"}`) and logged',
     )
+    bearer_token_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="name of the environment variable holding a bearer token, sent as `Authorization: Bearer "
+        "<token>`; the token itself never goes in the file, and a variable that is not set is a config error",
+    )
+    delivery: Literal["queued", "confirmed"] = Field(
+        "queued",
+        description="`queued`: offsets are committed once alerts are queued; a full queue drops (and counts) new "
+        "alerts, and consumption never waits for the receiver. `confirmed`: offsets are committed only past alerts "
+        "the receiver acknowledged, so a restart re-sends what was not; a full queue makes the daemon wait",
+    )
     retry: Retry = Field(default_factory=Retry, description="delivery retries (below)")
+
+    _token_set = field_validator("bearer_token_env")(_environment_variable_set)
+    _one_authorization = model_validator(mode="after")(_one_authorization_header)
 
 
 class AlertmanagerSinkConfig(_Model):
@@ -539,7 +716,22 @@ class AlertmanagerSinkConfig(_Model):
         description="deliveries waiting; when full, new alerts are dropped, counted "
         '(`detector_sink_dropped_total{cause="queue_full"}`) and logged',
     )
+    bearer_token_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="name of the environment variable holding a bearer token, sent as `Authorization: Bearer "
+        "<token>`; the token itself never goes in the file, and a variable that is not set is a config error",
+    )
+    delivery: Literal["queued", "confirmed"] = Field(
+        "queued",
+        description="`queued`: offsets are committed once alerts are queued; a full queue drops (and counts) new "
+        "alerts, and consumption never waits for the receiver. `confirmed`: offsets are committed only past alerts "
+        "the receiver acknowledged, so a restart re-sends what was not; a full queue makes the daemon wait",
+    )
     retry: Retry = Field(default_factory=Retry, description="delivery retries (below)")
+
+    _token_set = field_validator("bearer_token_env")(_environment_variable_set)
+    _one_authorization = model_validator(mode="after")(_one_authorization_header)
 
 
 class KafkaSinkConfig(_Model):
@@ -714,6 +906,8 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         update: dict[str, Any] = {}
         if stream.checkpoint is not None and not stream.checkpoint.is_absolute():
             update["checkpoint"] = base / stream.checkpoint
+        if stream.model_store is not None and not stream.model_store.is_absolute():
+            update["model_store"] = base / stream.model_store
         if isinstance(stream.input, FileInput) and not stream.input.path.is_absolute():
             update["input"] = stream.input.model_copy(update={"path": base / stream.input.path})
         streams[name] = stream.model_copy(update=update)

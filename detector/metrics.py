@@ -9,8 +9,9 @@ never entity ids.
 - `GET /metrics`: the registry in the Prometheus text format;
 - `GET /-/healthy`: 200 while the daemon's loop runs;
 - `GET /-/ready`: 200 once the models are loaded and the group gave this member its share (maybe none), else 503;
-- `POST /-/reload`: asks the daemon to reload thresholds and alert policy; 200 when the new
-  config was applied, 500 (with the reason) when it was rejected and the old one kept.
+- `POST /-/reload`: asks the daemon to reload thresholds and alert policy, and to switch to a
+  newly promoted model version; 200 when the new config was applied, 500 (with the reason)
+  when it was rejected and the old one kept.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 SCORE_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 END_TO_END_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+RETRAIN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
@@ -100,8 +102,51 @@ class Metrics:
             ["stream", "version"],
             registry=r,
         )
+        self.model_swaps = Counter(
+            "detector_model_swaps_total",
+            "Times a running stream switched to another checkpoint (a newly promoted version).",
+            ["stream"],
+            registry=r,
+        )
+        self.retrain_total = Counter(
+            "detector_retrain_total",
+            "Finished retrainings by outcome: accepted (swapped in), rejected (not better on held-out "
+            "windows), failed.",
+            ["stream", "outcome"],
+            registry=r,
+        )
+        self.retrain_seconds = Histogram(
+            "detector_retrain_seconds",
+            "Time to fine-tune and validate one retraining candidate.",
+            ["stream"],
+            buckets=RETRAIN_BUCKETS,
+            registry=r,
+        )
+        self.score_drift_psi = Gauge(
+            "detector_score_drift_psi",
+            "Population stability index of recent live scores against the model's validation errors "
+            "(NaN until enough scores).",
+            ["stream"],
+            registry=r,
+        )
+        self.score_drift_ks = Gauge(
+            "detector_score_drift_ks",
+            "Kolmogorov-Smirnov statistic of recent live scores against the model's validation errors "
+            "(NaN until enough scores).",
+            ["stream"],
+            registry=r,
+        )
         self.last_event = Gauge(
             "detector_last_event_timestamp_seconds", "Event time of the newest record scored.", ["stream"], registry=r
+        )
+        self.entities = Gauge(
+            "detector_entities", "Entities with window state (not evicted as idle).", ["stream"], registry=r
+        )
+        self.entities_evicted = Counter(
+            "detector_entities_evicted_total",
+            "Entities evicted after `window.idle_evict_after_s` of event time without a record.",
+            ["stream"],
+            registry=r,
         )
         self.commits = Counter("detector_offset_commits_total", "Successful offset commits.", registry=r)
         self.rebalances = Counter("detector_rebalances_total", "Partition assignments received.", registry=r)
@@ -126,6 +171,12 @@ class Metrics:
         )
         self.ready = Gauge(
             "detector_ready", "1 when models are loaded and the consumer has joined its group.", registry=r
+        )
+        self.kafka_reachable = Gauge(
+            "detector_kafka_reachable",
+            "1 while the group coordinator answers heartbeats; 0 before the first broker answered and while "
+            "the broker is lost.",
+            registry=r,
         )
         self.reload_success.set(1)
 

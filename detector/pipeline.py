@@ -16,10 +16,14 @@ import torch
 
 from detector.alerts import Alert, AlertPolicy
 from detector.config import Scoring, Stream
-from detector.model import Checkpoint, score_windows
+from detector.drift import ScoreDrift
+from detector.metrics import Metrics
+from detector.model import Checkpoint, check_layout, score_windows
+from detector.retrain import Retrainer
 from detector.source import Rejection, SampleBatch
-from detector.threshold import SeverityRules
-from detector.window import WindowStore
+from detector.store import CheckpointStore
+from detector.threshold import EntityBaselines, SeverityRules
+from detector.window import Evicted, ReadyWindows, WindowStore
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +50,24 @@ class BatchResult:
     rejected: list[Rejection]
     alerts: list[Alert]
     windows: int
+    evicted: int = 0  # entities evicted as idle (see `detector.window`)
 
 
 class Pipeline:
     """One stream's windows, model, thresholds and alert state. Not thread safe."""
 
-    def __init__(self, name: str, stream: Stream, checkpoint: Checkpoint, scoring: Scoring | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        stream: Stream,
+        checkpoint: Checkpoint,
+        scoring: Scoring | None = None,
+        background_retraining: bool = False,
+        metrics: Metrics | None = None,
+    ) -> None:
+        """With `stream.retraining.enabled`, the pipeline retrains its model (see
+        `detector.retrain`): on a worker thread with `background_retraining` (the daemon),
+        else in line at batch boundaries (replay: reproducible). `metrics` counts retrainings."""
         self.name = name
         self.stream = stream
         self.checkpoint = checkpoint
@@ -65,11 +81,24 @@ class Pipeline:
                 name,
                 checkpoint.version,
             )
+        idle_s = stream.window.idle_evict_after_s
         self.windows = WindowStore(
-            stream.window.size, stream.window.stride, len(checkpoint.features), checkpoint.scaler
+            stream.window.size,
+            stream.window.stride,
+            len(checkpoint.features),
+            checkpoint.scaler,
+            idle_evict_ms=None if idle_s is None else round(idle_s * 1000),
         )
         self.rules = SeverityRules(stream.thresholds, checkpoint.errors)
-        self.policy = AlertPolicy(name, stream.alerts, checkpoint.features, checkpoint.version)
+        self.policy = AlertPolicy(name, stream.alerts, checkpoint.features, checkpoint.version, stream.regime)
+        self.baselines = EntityBaselines(
+            stream.cold_start.warmup_windows, stream.regime.calibration_windows, checkpoint.errors
+        )
+        self.retrainer: Retrainer | None = None
+        if stream.retraining.enabled:
+            store = CheckpointStore(stream.model_store) if stream.model_store is not None else None
+            self.retrainer = Retrainer(name, stream, len(checkpoint.features), background_retraining, metrics, store)
+        self.drift = ScoreDrift(checkpoint.errors.sorted_errors)
 
     def reconfigure(self, stream: Stream) -> None:
         """Take new thresholds and alert policy. Windows are kept; so is the alert state (an
@@ -79,7 +108,37 @@ class Pipeline:
         self.rules = SeverityRules(stream.thresholds, self.checkpoint.errors, previous=self.rules)
         self.policy = self.policy.reconfigured(stream.alerts)
 
+    def swap_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Score with `checkpoint` from the next batch on (call it between batches).
+
+        Windows are kept (they hold raw values and are normalized with the new scaler), and
+        so is the alert state: an open incident keeps its id and resolves under the new model;
+        new events carry the new version. Thresholds are refit from the new checkpoint's error
+        statistics and dynamic ones start afresh, since they learned the old model's score
+        scale; the drift sample restarts for the same reason. Raises CheckpointError, changing
+        nothing, when the checkpoint's features or window size do not fit the stream.
+        """
+        check_layout(checkpoint, self.stream, f"version {checkpoint.version}")
+        self.checkpoint = checkpoint
+        self.windows.rescale(checkpoint.scaler)
+        self.rules = SeverityRules(self.stream.thresholds, checkpoint.errors)
+        self.baselines.refit(checkpoint.errors)
+        self.policy = self.policy.reconfigured(self.stream.alerts)
+        self.policy.model_version = checkpoint.version
+        self.drift = ScoreDrift(checkpoint.errors.sorted_errors)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Wait at most `timeout_s` for a retraining in progress (its result is dropped); the
+        pipeline is not used afterwards."""
+        if self.retrainer is not None:
+            self.retrainer.close(timeout_s)
+
     def process(self, batch: SampleBatch, mode: Mode = "alert") -> BatchResult:
+        if self.retrainer is not None:
+            # A batch boundary: the only place the model may change.
+            finished = self.retrainer.step(self.checkpoint)
+            if finished is not None and finished.checkpoint is not None:
+                self.swap_checkpoint(finished.checkpoint)
         n = len(batch)
         score = np.full(n, np.nan)
         threshold = np.full(n, np.nan)
@@ -91,14 +150,17 @@ class Pipeline:
             for i in late
         ]
         alerts: list[Alert] = []
+        evicted = self.windows.evicted
         if mode == "fill" or len(ready) == 0:
-            return BatchResult(score, threshold, severity, alert_ids, rejected, alerts, 0)
+            alerts = self._forget(evicted, ready, alerts, mode)
+            return BatchResult(score, threshold, severity, alert_ids, rejected, alerts, 0, len(evicted))
 
         model = self.checkpoint.model
         scores, per_feature = score_windows(
             model, ready.values, self.scoring.batch_windows, model.spec.score_last_steps
         )
-        sev = self.rules.apply(ready.slots, scores)
+        self.drift.add(scores)
+        sev = self.baselines.apply(self.rules, ready.slots, scores)
         rows = ready.rows
         score[rows] = scores
         threshold[rows] = sev.threshold
@@ -106,8 +168,73 @@ class Pipeline:
         if mode == "alert":
             entities = [self.windows.entity_of[s] for s in ready.slots]
             alerts, ids = self.policy.update(
-                ready.slots, entities, sev.severity, scores, sev.threshold, per_feature, ready.start_ms, ready.end_ms
+                ready.slots,
+                entities,
+                sev.severity,
+                scores,
+                sev.threshold,
+                per_feature,
+                ready.start_ms,
+                ready.end_ms,
+                sev.cold,
             )
             for row, alert in zip(rows, ids, strict=True):
                 alert_ids[row] = alert
-        return BatchResult(score, threshold, severity, alert_ids, rejected, alerts, len(ready))
+            if self.policy.regime is not None:
+                self._follow_regimes(ready.slots, ready.values, ids)
+        if self.retrainer is not None:
+            self.retrainer.observe(ready.slots, ready.values, sev.severity != 0, ready.end_ms)
+        alerts = self._forget(evicted, ready, alerts, mode)
+        return BatchResult(score, threshold, severity, alert_ids, rejected, alerts, len(ready), len(evicted))
+
+    def _forget(self, evicted: Evicted, ready: ReadyWindows, alerts: list[Alert], mode: Mode) -> list[Alert]:
+        """Clear the threshold and alert state of the slots `WindowStore.append` just evicted
+        (idle entities), before the store reuses them. In alert mode, return `alerts` with the
+        resolve of each evicted open incident (`AlertPolicy.evict`) placed where its entity was
+        evicted: after the events of the batch rows before, so an entity that came back within
+        the batch has its old incident resolved before its new events, whatever the batch cut.
+        """
+        placed: list[tuple[int, Alert]] = []
+        for slot, entity, last, row in zip(
+            evicted.slots.tolist(), evicted.entities, evicted.last_ms.tolist(), evicted.rows.tolist(), strict=True
+        ):
+            self.rules.restart(slot)
+            self.baselines.forget(slot)
+            placed += [(row, alert) for alert in self.policy.evict([slot], [entity], [last])]
+        if mode != "alert" or not placed:
+            return alerts
+        # Events come in window order and each names its window's entity and end: match them
+        # to the windows to learn the batch row each came from (a rare path: evictions of open
+        # incidents only).
+        entity_of = self.windows.entity_of
+        event_rows, j = [], 0
+        for alert in alerts:
+            while j < len(ready) - 1 and not (
+                entity_of[int(ready.slots[j])] == alert.entity and int(ready.end_ms[j]) == alert.window_end_ms
+            ):
+                j += 1
+            event_rows.append(int(ready.rows[j]))
+        # Evictions at the same place in entity order: slots, and so the order of `evicted`,
+        # depend on the batch cut.
+        merged = [(row, 0, alert.entity, k, alert) for k, (row, alert) in enumerate(placed)]
+        merged += [(row, 1, "", k, alert) for k, (row, alert) in enumerate(zip(event_rows, alerts, strict=True))]
+        return [alert for *_, alert in sorted(merged, key=lambda item: item[:4])]
+
+    def _follow_regimes(self, slots: np.ndarray, values: np.ndarray, ids: list[str | None]) -> None:
+        """Re-base each entity whose incident the policy just ended as a regime change: its
+        windows are centred on its level during the incident from the next batch on, and its
+        thresholds restart and calibrate (`EntityBaselines.start_regime`).
+
+        Shape:
+            slots: (R,); values: (R, W, D) normalized windows
+        """
+        center, scale = self.windows.params(slots)
+        means = values.mean(axis=1) * scale + center
+        firing = np.fromiter((i is not None for i in ids), np.bool_, len(ids))
+        skip = -(-self.stream.window.size // self.stream.window.stride)
+        levels = self.baselines.incident_levels(slots, means, firing, self.policy.regime_changes, skip)
+        for row, level in levels.items():
+            slot = int(slots[row])
+            self.windows.recentre(slot, level)
+            self.baselines.start_regime(slot, self.rules)
+            log.info("stream %s: entity %s changed regime; re-based", self.name, self.windows.entity_of[slot])

@@ -23,6 +23,7 @@ from detector.errors import InputError
 from detector.model import Checkpoint, load_checkpoint, save_checkpoint
 from detector.pipeline import Pipeline
 from detector.source import RecordDecoder, Rejection, SampleBatch, format_timestamp, parse_timestamp, read_file
+from detector.store import stream_checkpoint
 from detector.train import fit
 
 log = logging.getLogger(__name__)
@@ -140,15 +141,16 @@ def input_path(stream: Stream, given: Path | None) -> Path:
 
 
 def train_file(
-    config: Config, stream_name: str | None, data: Path | None, out: Path, progress: bool = True
+    config: Config, stream_name: str | None, data: Path | None, out: Path | None, progress: bool = True
 ) -> tuple[Checkpoint, Summary]:
-    """`detector train`: fit on a whole file and save the checkpoint."""
+    """`detector train`: fit on a whole file and save the checkpoint (to `out` when given)."""
     name, stream = config.stream(stream_name)
     summary = Summary()
     samples, _ = read_samples(name, stream, input_path(stream, data), summary)
     skipped: list[Rejection] = []
     ckpt = fit(name, stream, samples, progress=progress, rejected=skipped)
-    save_checkpoint(out, ckpt)
+    if out is not None:
+        save_checkpoint(out, ckpt)
     summary.reject(skipped)
     summary.train_rows = len(samples) - len(skipped)
     summary.checkpoint_version = ckpt.version
@@ -182,10 +184,9 @@ def replay_file(
             save_checkpoint(save_to, ckpt)
     else:
         # With both a checkpoint and a split, the split rows only warm the windows up.
-        path = checkpoint or stream.checkpoint
-        if path is None:
-            raise InputError(f"stream {name} has no checkpoint; give --checkpoint or --train-rows")
-        ckpt = load_checkpoint(path, stream)
+        if checkpoint is None and stream.checkpoint is None and stream.model_store is None:
+            raise InputError(f"stream {name} has no checkpoint or model_store; give --checkpoint or --train-rows")
+        ckpt = load_checkpoint(checkpoint, stream) if checkpoint is not None else stream_checkpoint(stream)
     summary.checkpoint_version = ckpt.version
 
     pipeline = Pipeline(name, stream, ckpt, config.scoring)

@@ -20,8 +20,18 @@ committed.
 
 Signals: SIGTERM/SIGINT finish the current batch, commit, flush the sinks and exit 0 within
 `service.grace_period_s`. SIGHUP (or `POST /-/reload`) reloads thresholds and alert policy
-from the config file, keeping the windows and the alert state; an invalid file is rejected
-and the old config kept. The consumer is not thread safe: only the main thread touches it.
+from the config file, and switches each stream with a `model_store` to its newly promoted
+version (`Daemon.swap_model`), keeping the windows and the alert state; an invalid file or
+an unloadable version is rejected and the old config and model kept. The consumer is not
+thread safe: only the main thread touches it.
+
+Broker outages: at start, the daemon waits for a broker (retrying with backoff, logging what
+it waits for) while serving `/-/healthy`; `/-/ready` answers 503 until it has joined the
+group. Once running, the broker counts as lost when the group coordinator has left
+`_MISSED_HEARTBEATS` heartbeats unanswered: `/-/ready` and `detector_ready` drop to 503/0 and
+`detector_kafka_reachable` to 0 until it answers again (and the group, if it evicted this
+member meanwhile, has given it its partitions back). Sinks with `delivery: confirmed` hold
+commits back until their receiver acknowledged the alerts (see `detector.sinks`).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import os
 import signal
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -41,22 +51,36 @@ from typing import IO, Any
 
 import numpy as np
 from kafka import ConsumerRebalanceListener
+from kafka.structs import MemberState
 from prometheus_client import CollectorRegistry
 
 from detector.alerts import Alert, LogSink, Sink
 from detector.config import Config, KafkaInput, Stream, load_config
 from detector.errors import ConfigError, DetectorError
 from detector.metrics import HealthServer, Metrics
-from detector.model import Checkpoint, load_checkpoint
+from detector.model import Checkpoint
 from detector.pipeline import BatchResult, Pipeline
-from detector.sinks import AlertmanagerSink, DeadLetterWriter, KafkaAlertSink, SinkError, WebhookSink
+from detector.sinks import AlertmanagerSink, DeadLetterWriter, KafkaAlertSink, SinkError, WebhookSink, sent_alert_ids
 from detector.source import BatchBuilder, RecordDecoder, Rejection, format_timestamp
+from detector.store import CheckpointStore, stream_checkpoint
 from detector.threshold import SEVERITY_NAMES
 
 log = logging.getLogger(__name__)
 
 # How often consumer lag is refreshed, in seconds.
 _LAG_INTERVAL_S = 1.0
+# How often the score drift gauges are recomputed, in seconds (a sort of a few thousand scores).
+_DRIFT_INTERVAL_S = 5.0
+# Waiting for Kafka at start: the first retry after this many seconds, doubling up to the most.
+_CONNECT_BACKOFF_S = 0.5
+_CONNECT_BACKOFF_MAX_S = 5.0
+# How long one attempt to reach a broker at start may take, in milliseconds.
+_CONNECT_ATTEMPT_MS = 3000
+# Heartbeats the group coordinator may leave unanswered before the broker counts as lost: three,
+# as in Kafka's rule that the heartbeat interval is at most a third of the session timeout.
+_MISSED_HEARTBEATS = 3
+# Seconds between tries of an offset commit that failed.
+_COMMIT_RETRY_S = 1.0
 
 
 def _json_number(value: float) -> float | None:
@@ -72,6 +96,7 @@ def kafka_client_settings(config: Config) -> dict[str, Any]:
         "client_id": k.client_id,
         "security_protocol": k.security_protocol,
         "request_timeout_ms": k.request_timeout_ms,
+        "reconnect_backoff_max_ms": k.reconnect_backoff_max_ms,
     }
     optional = {
         "sasl_mechanism": k.sasl_mechanism,
@@ -84,6 +109,41 @@ def kafka_client_settings(config: Config) -> dict[str, Any]:
     }
     settings.update({key: str(v) if isinstance(v, Path) else v for key, v in optional.items() if v is not None})
     return settings
+
+
+class BrokerContact:
+    """Whether a consumer still hears from its group coordinator.
+
+    Lost from the moment a member of the group (state stable) has had no heartbeat answered
+    for `limit_s`, until the coordinator answers one again: after an eviction, that is once
+    the member has rejoined. kafka-python (3.x) heartbeats from its IO thread and exposes no
+    public timestamp of the last answer, so this reads its `Heartbeat` bookkeeping (pinned
+    by tests/unit/test_service.py). Only floats and the member state are read, so any thread
+    may ask; the health endpoint does.
+    """
+
+    def __init__(self, consumer: Any, limit_s: float) -> None:
+        self._consumer = consumer
+        self._heartbeat = consumer._coordinator.heartbeat
+        self.limit_s = limit_s
+        self._lost_at: float | None = None
+        self._lock = threading.Lock()
+
+    def silent_s(self) -> float:
+        """Seconds since the coordinator last answered a heartbeat (or since the heartbeat
+        timers were last reset: a join, a new coordinator)."""
+        hb = self._heartbeat
+        return time.monotonic() - float(max(hb.last_receive, hb.last_reset))
+
+    def reachable(self) -> bool:
+        with self._lock:
+            if self._lost_at is None:
+                joined = self._consumer.group_metadata().state == MemberState.STABLE
+                if joined and self.silent_s() > self.limit_s:
+                    self._lost_at = time.monotonic()
+            elif self._heartbeat.last_receive > self._lost_at:
+                self._lost_at = None
+            return self._lost_at is None
 
 
 def consumer_settings(config: Config) -> dict[str, Any]:
@@ -125,7 +185,9 @@ def kafka_streams(config: Config) -> dict[str, Stream]:
     if not streams:
         raise ConfigError("streams", ["no stream reads from Kafka (input.kind: kafka); nothing to run"])
     missing = [
-        f"streams.{name}.checkpoint: required by `detector run`" for name, s in streams.items() if not s.checkpoint
+        f"streams.{name}.checkpoint: required by `detector run` (or a `model_store`)"
+        for name, s in streams.items()
+        if not s.checkpoint and not s.model_store
     ]
     if missing:
         raise ConfigError("streams", missing)
@@ -147,14 +209,13 @@ class Daemon:
         self.metrics = Metrics(self.registry)
         self.runtimes: dict[str, StreamRuntime] = {}
         for name, stream in kafka_streams(config).items():
-            assert stream.checkpoint is not None
-            ckpt = load_checkpoint(stream.checkpoint, stream)
+            ckpt = stream_checkpoint(stream)
             self.runtimes[name] = StreamRuntime(
                 name,
                 stream,
                 ckpt,
                 RecordDecoder(stream.mapping, default_entity=name),
-                Pipeline(name, stream, ckpt, config.scoring),
+                Pipeline(name, stream, ckpt, config.scoring, background_retraining=True, metrics=self.metrics),
             )
             self.metrics.model_info.labels(name, ckpt.version).set(1)
             log.info("stream %s: topic %s, model %s", name, stream.input.topic, ckpt.version)  # type: ignore[union-attr]
@@ -178,30 +239,92 @@ class Daemon:
         self._ready = False
         self._last_loop = time.monotonic()
         self._last_lag = 0.0
+        self._last_drift = 0.0
+        self._contact: BrokerContact | None = None
+        self._was_reachable = True
+        # Commits waiting for confirmed sinks: (each sink's `queued` after the batch, offsets).
+        self._held: deque[tuple[dict[AlertmanagerSink | WebhookSink, int], dict[Any, Any]]] = deque()
+        self._commit_retry_at = 0.0
+        # Read at scrape time, so the gauges are right even while the loop waits on the broker.
+        self.metrics.ready.set_function(lambda: float(self.is_ready()))
+        self.metrics.kafka_reachable.set_function(lambda: float(self.kafka_reachable()))
 
     # --- setup ----------------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Start the HTTP server, the producer and sinks, and join the consumer group."""
-        from kafka import KafkaConsumer, KafkaProducer
-
+    def open(self) -> bool:
+        """Start the HTTP server, the producer and sinks, and join the consumer group. Waits for
+        a broker to answer first; returns False when stopped while waiting."""
         cfg = self.config
         if cfg.server.enabled:
             self.server = HealthServer(
                 self.registry, cfg.server.host, cfg.server.port, self.is_healthy, self.is_ready, self.request_reload
             ).start()
             log.info("metrics on http://%s:%d/metrics", cfg.server.host, self.server.port)
-        if cfg.sinks.kafka is not None or cfg.kafka.dead_letter_topic is not None:
-            self.producer = KafkaProducer(**producer_settings(cfg))
+        clients = self._connect()
+        if clients is None:
+            return False
+        self.producer, self.consumer = clients
         if cfg.kafka.dead_letter_topic is not None:
             self.dead_letters = DeadLetterWriter(self.producer, cfg.kafka.dead_letter_topic, self.metrics)
         self.sinks = self._build_sinks()
         if cfg.sinks.scores_file is not None:
             cfg.sinks.scores_file.parent.mkdir(parents=True, exist_ok=True)
             self.scores_file = cfg.sinks.scores_file.open("a")
-        self.consumer = KafkaConsumer(**consumer_settings(cfg))
+            if _ends_mid_line(cfg.sinks.scores_file):
+                # A kill in the middle of a write left a partial line: keep it off the next one.
+                self.scores_file.write("\n")
+        self._contact = BrokerContact(self.consumer, _MISSED_HEARTBEATS * cfg.kafka.heartbeat_interval_ms / 1000)
         self.consumer.subscribe(sorted(self.topic_streams), listener=_Listener(self))
+        alert_sink = self._kafka_alert_sink()
+        if alert_sink is not None:
+            from kafka.structs import TopicPartition
+
+            # Alerts already on the topic were sent before this process sent any.
+            partitions = self.consumer.partitions_for_topic(alert_sink.topic) or ()
+            tps = [TopicPartition(alert_sink.topic, p) for p in partitions]
+            alert_sink.floor = {tp.partition: end for tp, end in self.consumer.end_offsets(tps).items()}
         log.info("joining group %s for topics %s", cfg.kafka.group_id, ", ".join(sorted(self.topic_streams)))
+        return True
+
+    def _connect(self) -> tuple[Any, Any] | None:
+        """The producer (None when no sink needs one) and the consumer, once a broker answers.
+        Retries with backoff until then; None when stopped while waiting."""
+        from kafka import KafkaConsumer, KafkaProducer
+        from kafka.errors import KafkaError
+
+        cfg = self.config
+        servers = ", ".join(cfg.kafka.bootstrap_servers)
+        backoff = _CONNECT_BACKOFF_S
+        attempt = 0
+        while not self._stop.is_set():
+            attempt += 1
+            producer = None
+            try:
+                # A producer is the probe: one that cannot bootstrap cleans up after itself, whereas
+                # a consumer that fails in its constructor leaves its IO thread running.
+                producer = KafkaProducer(**{**producer_settings(cfg), "bootstrap_timeout_ms": _CONNECT_ATTEMPT_MS})
+                consumer = KafkaConsumer(**consumer_settings(cfg))
+            except KafkaError as exc:
+                if producer is not None:
+                    producer.close(timeout=0)
+                log.warning(
+                    "waiting for Kafka at %s (attempt %d: %s); retrying in %.1f s; /-/ready answers 503 until then",
+                    servers,
+                    attempt,
+                    exc,
+                    backoff,
+                )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, _CONNECT_BACKOFF_MAX_S)
+                continue
+            if attempt > 1:
+                log.info("Kafka at %s answered after %d attempt(s)", servers, attempt)
+            if cfg.sinks.kafka is None and cfg.kafka.dead_letter_topic is None:
+                producer.close(timeout=0)
+                producer = None
+            return producer, consumer
+        log.info("stopped while waiting for Kafka at %s", servers)
+        return None
 
     def _build_sinks(self) -> list[Sink]:
         cfg = self.config.sinks
@@ -240,7 +363,12 @@ class Daemon:
         return time.monotonic() - self._last_loop < limit
 
     def is_ready(self) -> bool:
-        return self._ready
+        return self._ready and self.kafka_reachable()
+
+    def kafka_reachable(self) -> bool:
+        """False before the first broker answered, and while the broker is lost (`BrokerContact`)."""
+        contact = self._contact
+        return contact is not None and contact.reachable()
 
     def request_reload(self) -> tuple[bool, str]:
         """Ask the main loop to reload the config; wait for its answer (at most 30 s)."""
@@ -281,6 +409,9 @@ class Daemon:
                     self.process(pending)
                     pending = []
                 self._update_lag()
+                self._update_drift()
+                self._watch_kafka()
+                self._release_commits()
             if pending and not self._revoked and self._assigned is None:
                 self.process(pending)
         except SinkError as exc:
@@ -304,6 +435,9 @@ class Daemon:
             self._revoked = False
             self._ready = False
             self.metrics.ready.set(0)
+            # Their records are processed again, from the last commit, by their next owner.
+            self._held.clear()
+            self._commit_retry_at = 0.0
         assigned, self._assigned = self._assigned, None
         if assigned is None:
             return
@@ -313,11 +447,16 @@ class Daemon:
             tp = TopicPartition(r.topic, r.partition)
             first_dropped[tp] = min(first_dropped.get(tp, r.offset), r.offset)
         for rt in self.runtimes.values():
-            rt.pipeline = Pipeline(rt.name, rt.stream, rt.checkpoint, self.config.scoring)
+            rt.pipeline.close(timeout_s=0.0)  # a retraining in progress finishes unused
+            rt.pipeline = Pipeline(
+                rt.name, rt.stream, rt.checkpoint, self.config.scoring, background_retraining=True, metrics=self.metrics
+            )
         self._live_from = {}
         refill = self.config.kafka.refill_records
+        notes: list[str] = []
         for tp in sorted(assigned):
-            committed = self.consumer.committed(tp)
+            found = self.consumer.committed(tp, metadata=True)
+            committed = None if found is None else found.offset
             if committed is None:
                 # A new group: start where auto_offset_reset put us, re-reading what was dropped.
                 if tp in first_dropped:
@@ -327,6 +466,7 @@ class Daemon:
             start = max(begin, committed - refill)
             self.consumer.seek(tp, start)
             self._live_from[tp] = committed
+            notes.append(found.metadata)
             log.info(
                 "assigned %s[%d]: committed offset %d, refilling windows from offset %d",
                 tp.topic,
@@ -334,6 +474,7 @@ class Daemon:
                 committed,
                 start,
             )
+        self._skip_sent_alerts(notes)
         # Ready once the group has given this member its share, even none: a replica beyond the
         # partition count is a standby that takes partitions over when a member leaves.
         self._ready = True
@@ -379,12 +520,21 @@ class Daemon:
                 # was firing before a restart is not raised again and still gets its resolve.
                 result = rt.pipeline.process(samples, mode="alert")
                 m.windows_scored.labels(name, "refill").inc(result.windows)
+                m.entities_evicted.labels(name).inc(result.evicted)
                 for sink in self.sinks:
                     if isinstance(sink, AlertmanagerSink):
                         sink.restore(result.alerts)
             samples, rejected = fresh.build()
             result = rt.pipeline.process(samples, mode="alert")
             m.scoring_seconds.labels(name).observe(time.monotonic() - s0)
+            m.entities_evicted.labels(name).inc(result.evicted)
+            m.entities.labels(name).set(len(rt.pipeline.windows))
+            if rt.pipeline.checkpoint is not rt.checkpoint:
+                # The pipeline swapped in a retrained model at a batch boundary.
+                m.model_info.remove(name, rt.checkpoint.version)
+                m.model_info.labels(name, rt.pipeline.checkpoint.version).set(1)
+                m.model_swaps.labels(name).inc()
+                rt.checkpoint = rt.pipeline.checkpoint
             self._dead_letter(name, records, rejected + result.rejected)
             self._record(name, rt, records, samples.positions, samples.entities, samples.timestamps, result)
             for alert in result.alerts:
@@ -410,20 +560,104 @@ class Daemon:
         if self.scores_file is not None:
             self.scores_file.flush()
         if commit:
-            self._commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in commit.items()})
+            note = self._commit_note()
+            marks = {s: s.queued for s in self.sinks if isinstance(s, AlertmanagerSink | WebhookSink) and s.confirmed}
+            self._held.append((marks, {tp: OffsetAndMetadata(offset, note, -1) for tp, offset in commit.items()}))
+            self._release_commits()
         m.batch_seconds.observe(time.monotonic() - t0)
 
-    def _commit(self, offsets: dict[Any, Any]) -> None:
+    def _release_commits(self, force: bool = False) -> None:
+        """Commit the held batches whose alerts every confirmed sink has had acknowledged, in
+        order (without confirmed sinks, each batch as soon as it is processed). After a failed
+        commit, the next try waits `_COMMIT_RETRY_S` and, unless `force`, a reachable broker."""
+        if not force and self._held and time.monotonic() < self._commit_retry_at:
+            return
+        if not force and self._commit_retry_at and not self.kafka_reachable() and self._contact is not None:
+            return
+        released: dict[Any, Any] = {}
+        while self._held and all(sink.acknowledged >= mark for sink, mark in self._held[0][0].items()):
+            released.update(self._held.popleft()[1])  # offsets only grow: the later batch wins
+        if not released:
+            return
+        if self._commit(released):
+            self._commit_retry_at = 0.0
+        else:
+            self._held.appendleft(({}, released))
+            self._commit_retry_at = time.monotonic() + _COMMIT_RETRY_S
+
+    def _watch_kafka(self) -> None:
+        """Log when the broker is lost and when it is back (readiness follows by itself)."""
+        reachable = self.kafka_reachable()
+        if reachable == self._was_reachable:
+            return
+        self._was_reachable = reachable
+        if reachable:
+            log.info("Kafka broker reachable again")
+        else:
+            silent = self._contact.silent_s() if self._contact is not None else math.nan
+            log.warning(
+                "lost the Kafka broker: the group coordinator has answered no heartbeat for %.1f s; "
+                "not ready until it does",
+                silent,
+            )
+
+    def _kafka_alert_sink(self) -> KafkaAlertSink | None:
+        return next((s for s in self.sinks if isinstance(s, KafkaAlertSink)), None)
+
+    def _commit_note(self) -> str:
+        """The commit metadata: from which offsets of the alerts topic the alerts sent after this
+        commit lie, so that whoever processes the uncommitted records again can skip them."""
+        sink = self._kafka_alert_sink()
+        if sink is None:
+            return ""
+        note = json.dumps({"alerts": sink.topic, "from": sink.floor}, separators=(",", ":"))
+        # Brokers refuse metadata over offset.metadata.max.bytes (4096 by default); without the
+        # note, a batch processed again re-sends its alerts (at least once).
+        return note if len(note) <= 4000 else ""
+
+    def _skip_sent_alerts(self, notes: list[str]) -> None:
+        """Read the alerts that reached the alerts topic after the commits of the assigned
+        partitions (as their commit notes say), so that processing the uncommitted records
+        again does not send them twice."""
+        sink = self._kafka_alert_sink()
+        if sink is None:
+            return
+        sink.already_sent = set()
+        floors = []
+        for note in notes:
+            try:
+                parsed = json.loads(note)
+                if parsed["alerts"] != sink.topic:
+                    continue  # another alerts topic then: nothing on this one to send twice
+                floors.append({int(p): int(o) for p, o in parsed["from"].items()})
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # no note (an older version's commit): at least once
+        if not floors:
+            return
+        # A partition missing from a floor did not exist for that writer: read it from the start.
+        since = {p: min(f.get(p, 0) for f in floors) for p in set().union(*floors)}
+        from kafka.errors import KafkaError
+
+        try:
+            sink.already_sent = sent_alert_ids(kafka_client_settings(self.config), sink.topic, since)
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("alerts topic %s could not be read back (%s): alerts may be sent twice", sink.topic, exc)
+            return
+        log.info("alerts topic %s: %d alert(s) since the last commits", sink.topic, len(sink.already_sent))
+
+    def _commit(self, offsets: dict[Any, Any]) -> bool:
         from kafka.errors import CommitFailedError, KafkaError
 
         try:
             self.consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:
-            # A rebalance started after the batch was emitted: its records will be processed again
-            # by their next owner, and their alerts re-sent with the same ids (at least once).
-            log.warning("offset commit failed (%s); the batch will be redelivered", exc)
-            return
+            # A rebalance, or the broker is away. The offsets are tried again with the next commit;
+            # if a rebalance comes first, the records are processed again by their next owner,
+            # and their alerts re-sent with the same ids (at least once).
+            log.warning("offset commit failed (%s); retrying unless the partitions move first", exc)
+            return False
         self.metrics.commits.inc()
+        return True
 
     def _dead_letter(self, stream: str, records: list[Any], rejected: list[Rejection]) -> None:
         for rejection in rejected:
@@ -465,7 +699,10 @@ class Daemon:
         if self.scores_file is None:
             return
         lines = []
+        late = {rejection.position for rejection in result.rejected}
         for j, pos in enumerate(positions):
+            if late and int(pos) in late:
+                continue  # out of order: dead-lettered, not scored, so not an audit line either
             r = records[int(pos)]
             lines.append(
                 json.dumps(
@@ -499,6 +736,30 @@ class Daemon:
             position = self.consumer.position(tp)
             self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
 
+    def _update_drift(self) -> None:
+        now = time.monotonic()
+        if now - self._last_drift < _DRIFT_INTERVAL_S:
+            return
+        self._last_drift = now
+        for name, rt in self.runtimes.items():
+            stats = rt.pipeline.drift.statistics()
+            psi, ks = stats if stats is not None else (math.nan, math.nan)
+            self.metrics.score_drift_psi.labels(name).set(psi)
+            self.metrics.score_drift_ks.labels(name).set(ks)
+
+    def swap_model(self, name: str, ckpt: Checkpoint) -> None:
+        """Score stream `name` with `ckpt` from the next batch on, keeping windows and alert
+        state (`Pipeline.swap_checkpoint`). Main thread only, between batches."""
+        rt = self.runtimes[name]
+        old = rt.checkpoint.version
+        rt.pipeline.swap_checkpoint(ckpt)
+        rt.checkpoint = ckpt
+        self.metrics.model_info.remove(name, old)
+        self.metrics.model_info.labels(name, ckpt.version).set(1)
+        self.metrics.model_swaps.labels(name).inc()
+        self._last_drift = 0.0  # the old model's drift no longer applies
+        log.info("stream %s: now scoring with model %s (was %s)", name, ckpt.version, old)
+
     # --- reload ---------------------------------------------------------------------------
 
     def _handle_reloads(self) -> None:
@@ -512,11 +773,13 @@ class Daemon:
                 done.set()
 
     def reload(self) -> tuple[bool, str]:
-        """Re-read the config file and apply new thresholds and alert policies.
+        """Re-read the config file and apply new thresholds and alert policies, and switch each
+        stream with a `model_store` to its promoted version when that changed.
 
-        Windows and alert state are kept (see `Pipeline.reconfigure`). Anything else that
-        changed (mapping, model, Kafka, sinks) needs a restart and is reported. An invalid file
-        changes nothing.
+        Windows and alert state are kept (see `Pipeline.reconfigure` and
+        `Pipeline.swap_checkpoint`). Anything else that changed (mapping, model settings,
+        Kafka, sinks) needs a restart and is reported. An invalid file or a promoted version
+        that cannot be loaded changes nothing.
         """
         if self.config_path is None:
             return False, "no config file to reload"
@@ -527,6 +790,14 @@ class Daemon:
                 raise ConfigError(
                     str(self.config_path), ["streams: a reload cannot add or remove Kafka streams; restart instead"]
                 )
+            # Loaded before anything changes, so a broken promotion rejects the whole reload.
+            swaps: dict[str, Checkpoint] = {}
+            for name, rt in self.runtimes.items():
+                if rt.stream.model_store is not None:
+                    store = CheckpointStore(rt.stream.model_store)
+                    version = store.promoted()
+                    if version is not None and version != rt.checkpoint.version:
+                        swaps[name] = store.load(version, rt.stream)
         except DetectorError as exc:
             self.metrics.reloads.labels("failure").inc()
             self.metrics.reload_success.set(0)
@@ -544,9 +815,13 @@ class Daemon:
                 rt.pipeline.reconfigure(applied)
                 changed.append(name)
             rt.stream = applied
+        for name, ckpt in swaps.items():
+            self.swap_model(name, ckpt)
         self.metrics.reloads.labels("success").inc()
         self.metrics.reload_success.set(1)
         message = f"reloaded; new thresholds/alert policy for: {', '.join(changed) or 'none (unchanged)'}"
+        if swaps:
+            message += "; new model for: " + ", ".join(f"{name} ({c.version})" for name, c in swaps.items())
         log.info(message)
         return True, message
 
@@ -556,12 +831,16 @@ class Daemon:
         """Flush sinks, close the clients and the HTTP server. Safe to call twice."""
         self._ready = False
         self.metrics.ready.set(0)
+        for rt in self.runtimes.values():
+            rt.pipeline.close()
         for sink in self.sinks:
             try:
                 sink.close()
             except Exception:
                 log.exception("closing a sink failed")
         self.sinks = []
+        if self.consumer is not None and self._held:
+            self._release_commits(force=True)  # with what the sinks delivered while closing
         if self.scores_file is not None:
             self.scores_file.close()
             self.scores_file = None
@@ -591,6 +870,16 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.daemon._assigned = set(assigned)
 
 
+def _ends_mid_line(path: Path) -> bool:
+    """Whether a non-empty file's last byte is not a newline."""
+    try:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:  # missing or empty
+        return False
+
+
 def _watchdog(grace_s: float, stopping: threading.Event) -> None:
     """Exit hard if a graceful shutdown takes longer than the grace period."""
     stopping.wait()
@@ -605,7 +894,9 @@ def run_daemon(config: Config, config_path: Path | None) -> int:
     daemon.install_signal_handlers()
     grace = config.service.grace_period_s
     threading.Thread(target=_watchdog, args=(grace, daemon._stop), name="grace-watchdog", daemon=True).start()
-    daemon.open()
+    if not daemon.open():
+        daemon.close()
+        return 0
     for sink in daemon.sinks:
         if isinstance(sink, AlertmanagerSink | WebhookSink):
             sink.close_timeout_s = grace / 2  # the rest of the grace period is for Kafka

@@ -6,15 +6,28 @@ the alerts are *handed over*: written to Kafka and acknowledged (Kafka sink), or
 delivery (webhooks). The daemon commits offsets only after every sink's `emit` returned, so
 delivery is at least once; alert ids are stable, so receivers can deduplicate.
 
-Webhooks deliver from a background thread with exponential backoff. Their queue is bounded:
-when it is full, new alerts are dropped, counted in `detector_sink_dropped_total` and logged,
-so a dead receiver never stops consumption.
+The Kafka sink and the dead-letter writer wait for the broker as long as the producer retries
+(its `delivery_timeout_ms`, plus a margin), so a broker outage shorter than that is ridden out.
+
+Webhooks deliver from a background thread with exponential backoff, in order. Their queue is
+bounded, and what happens while the receiver is down depends on the sink's `delivery` policy:
+
+- `queued`: when the queue is full, new alerts are dropped, counted in
+  `detector_sink_dropped_total` and logged, so a dead receiver never stops consumption.
+- `confirmed`: the daemon commits a batch's offsets only once the receiver acknowledged every
+  delivery up to that batch (`acknowledged` reaching the `queued` count it read after `emit`);
+  a retryable failure is retried until it succeeds or the daemon shuts down, and a full queue
+  makes `emit` wait. A restart therefore re-sends whatever was not acknowledged.
+
+A bearer token (`bearer_token_env`) is read from the environment when the sink is built and
+sent as an `Authorization` header; it is never logged.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -24,8 +37,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from kafka.producer.future import RecordMetadata
+
 from detector.alerts import Alert
 from detector.config import AlertmanagerSinkConfig, Retry, WebhookSinkConfig
+from detector.errors import ConfigError
 from detector.metrics import Metrics
 from detector.source import Rejection, format_timestamp
 
@@ -40,6 +56,38 @@ class SinkError(RuntimeError):
     """
 
 
+def delivery_timeout_s(producer: Any) -> float:
+    """How long to wait for the broker to acknowledge a send: the producer's own
+    `delivery_timeout_ms` (it retries until then), plus a margin. Waiting less would turn a
+    short broker outage, which the producer rides out, into a failed delivery (exit 1)."""
+    config = getattr(producer, "config", None)
+    timeout_ms = config.get("delivery_timeout_ms", 120_000) if isinstance(config, dict) else 120_000
+    return float(timeout_ms) / 1000 + 5.0
+
+
+def bearer_headers(headers: dict[str, str], token_env: str | None) -> dict[str, str]:
+    """`headers`, plus `Authorization: Bearer <token>` when `token_env` names a variable."""
+    if token_env is None:
+        return dict(headers)
+    token = os.environ.get(token_env)
+    if token is None:  # checked when the config was loaded, and unset since
+        raise ConfigError("sinks", [f"bearer_token_env: environment variable {token_env} is not set"])
+    return {**headers, "Authorization": f"Bearer {token}"}
+
+
+def retry_span_s(retry: Retry) -> float:
+    """Seconds of backoff between a delivery's first and last try (request time not counted):
+    how long a receiver may be down before a `queued` delivery is given up. Infinite when
+    `max_attempts` is null."""
+    if retry.max_attempts is None:
+        return float("inf")
+    total, backoff = 0.0, retry.initial_backoff_s
+    for _ in range(retry.max_attempts - 1):
+        total += backoff
+        backoff = min(backoff * 2, retry.max_backoff_s)
+    return total
+
+
 def alert_json(alert: Alert) -> bytes:
     return json.dumps(alert.to_dict(), separators=(",", ":"), allow_nan=False).encode()
 
@@ -49,18 +97,31 @@ def alert_json(alert: Alert) -> bytes:
 
 class KafkaAlertSink:
     """Alert events as JSON messages on `topic`, keyed by entity (so one entity's events stay
-    in order on one partition). `emit` blocks until the broker acknowledged every message."""
+    in order on one partition). `emit` blocks until the broker acknowledged every message.
+
+    `floor` holds, per partition of the topic, an offset at or after which every alert this
+    sink sends from now on lands (offsets only grow): the daemon stores it with each offset
+    commit, so whoever processes the uncommitted records again can read what was sent for them
+    (`sent_alert_ids`) and put those ids in `already_sent`, which `emit` skips.
+    """
 
     kind = "kafka"
 
-    def __init__(self, producer: Any, topic: str, metrics: Metrics, timeout_s: float = 30.0) -> None:
+    def __init__(self, producer: Any, topic: str, metrics: Metrics, timeout_s: float | None = None) -> None:
         self.producer = producer
         self.topic = topic
         self.metrics = metrics
-        self.timeout_s = timeout_s
+        self.timeout_s = delivery_timeout_s(producer) if timeout_s is None else timeout_s
+        self.floor: dict[int, int] = {}
+        self.already_sent: set[str] = set()
 
     def emit(self, alerts: Sequence[Alert]) -> None:
         """Raises SinkError unless the broker acknowledged every alert."""
+        if self.already_sent:
+            sent = [a for a in alerts if a.id in self.already_sent]
+            if sent:
+                log.info("alerts topic %s has %d of these alerts already; not sent again", self.topic, len(sent))
+                alerts = [a for a in alerts if a.id not in self.already_sent]
         if not alerts:
             return
         # `send` itself can raise too (no metadata within max_block_ms, a record too large).
@@ -76,7 +137,9 @@ class KafkaAlertSink:
             ]
             self.producer.flush(timeout=self.timeout_s)
             for future in futures:
-                future.get(timeout=self.timeout_s)
+                meta = future.get(timeout=self.timeout_s)
+                if isinstance(meta, RecordMetadata):
+                    self.floor[meta.partition] = max(self.floor.get(meta.partition, 0), meta.offset + 1)
         except Exception as exc:
             self.metrics.sink_failures.labels(self.kind).inc()
             raise SinkError(f"alerts topic {self.topic}: delivery failed: {exc!r}") from exc
@@ -86,16 +149,56 @@ class KafkaAlertSink:
         self.producer.flush(timeout=self.timeout_s)
 
 
+def sent_alert_ids(settings: dict[str, Any], topic: str, since: dict[int, int], timeout_s: float = 30.0) -> set[str]:
+    """The ids of the alerts on `topic` from offset `since[p]` of each partition p to its
+    current end (a partition missing from `since`: from its beginning). `settings` are the
+    client settings of a consumer outside any group. Raises KafkaError, or TimeoutError when
+    the end is not reached within `timeout_s`."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(**settings, enable_auto_commit=False, auto_offset_reset="earliest")
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(tps)
+        ends = consumer.end_offsets(tps)
+        remaining = set()
+        for tp in tps:
+            start = since.get(tp.partition, 0)
+            if start < ends[tp]:
+                # Below the log start (retention) the reset policy moves it to the beginning.
+                consumer.seek(tp, start)
+                remaining.add(tp)
+        ids: set[str] = set()
+        deadline = time.monotonic() + timeout_s
+        while remaining:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"alerts topic {topic}: not read to its end within {timeout_s:.0f} s")
+            for tp, records in consumer.poll(timeout_ms=200).items():
+                for record in records:
+                    ids.update(v.decode() for k, v in record.headers or () if k == "detector.alert_id")
+                if tp in remaining and consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+        return ids
+    finally:
+        consumer.close()
+
+
 class DeadLetterWriter:
     """Writes records that could not be used to the dead-letter topic, unchanged (key, value,
     headers), with headers added: `detector.reason`, `detector.detail`, `detector.stream`,
-    `detector.source.topic`, `detector.source.partition`, `detector.source.offset`."""
+    `detector.source.topic`, `detector.source.partition`, `detector.source.offset`.
 
-    def __init__(self, producer: Any, topic: str, metrics: Metrics, timeout_s: float = 30.0) -> None:
+    Two records cannot be forwarded unchanged, and would otherwise fail the daemon on every
+    restart: one with neither key nor value (other clients send them; kafka-python does not)
+    gets an empty value; one that the added headers push over the producer's
+    `max_request_size` has its value cut to fit, with `detector.truncated_from` (the
+    original length) added."""
+
+    def __init__(self, producer: Any, topic: str, metrics: Metrics, timeout_s: float | None = None) -> None:
         self.producer = producer
         self.topic = topic
         self.metrics = metrics
-        self.timeout_s = timeout_s
+        self.timeout_s = delivery_timeout_s(producer) if timeout_s is None else timeout_s
         self._pending: list[tuple[Any, str, str]] = []
 
     def send(self, record: Any, stream: str, rejection: Rejection) -> None:
@@ -108,11 +211,28 @@ class DeadLetterWriter:
             ("detector.source.partition", str(record.partition).encode()),
             ("detector.source.offset", str(record.offset).encode()),
         ]
+        key, value = record.key, record.value
+        if key is None and value is None:
+            value = b""
         try:
-            future = self.producer.send(self.topic, key=record.key, value=record.value, headers=headers)
+            try:
+                future = self.producer.send(self.topic, key=key, value=value, headers=headers)
+            except Exception as exc:
+                from kafka.errors import MessageSizeTooLargeError
+
+                if not isinstance(exc, MessageSizeTooLargeError) or not value:
+                    raise
+                future = self._send_cut(key, value, headers)
         except Exception as exc:
             raise SinkError(f"dead-letter topic {self.topic}: delivery failed: {exc!r}") from exc
         self._pending.append((future, stream, rejection.reason))
+
+    def _send_cut(self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> Any:
+        # 1 KiB covers the record batch framing, which the producer counts too.
+        room = int(self.producer.config["max_request_size"]) - 1024
+        room -= len(key or b"") + sum(len(k) + len(v) for k, v in headers) + 32
+        headers = [*headers, ("detector.truncated_from", str(len(value)).encode())]
+        return self.producer.send(self.topic, key=key, value=value[: max(0, room)], headers=headers)
 
     def flush(self) -> None:
         """Block until every record sent since the last flush is acknowledged."""
@@ -150,17 +270,34 @@ def _retryable(exc: Exception) -> bool:
 
 
 class _QueuedDelivery:
-    """A bounded queue of JSON payloads POSTed by one background thread, with retries."""
+    """A bounded queue of JSON payloads POSTed in order by one background thread, with retries.
+
+    `queued` counts the payloads `emit` accepted, `acknowledged` those the receiver answered
+    (a 2xx; or a 4xx other than 429, which no retry would change: dropped and counted). Both
+    only grow; with `delivery: confirmed` no payload is skipped, so `acknowledged >= n` means
+    the first `n` were answered.
+    """
 
     kind = "webhook"
 
-    def __init__(self, url: str, headers: dict[str, str], queue_size: int, retry: Retry, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        url: str,
+        headers: dict[str, str],
+        queue_size: int,
+        retry: Retry,
+        metrics: Metrics,
+        confirmed: bool = False,
+    ) -> None:
         self.url = url
         self.headers = headers
         self.retry = retry
         self.metrics = metrics
+        self.confirmed = confirmed
         # Seconds `close` waits for the queue to drain; the daemon sets it from its grace period.
         self.close_timeout_s = 10.0
+        self.queued = 0
+        self.acknowledged = 0
         self._queue: queue.Queue[tuple[Any, int]] = queue.Queue(maxsize=queue_size)
         self._closing = threading.Event()
         self._abort = threading.Event()
@@ -170,14 +307,44 @@ class _QueuedDelivery:
         self._thread.start()
 
     def _enqueue(self, payload: Any, alerts: int) -> None:
-        try:
-            self._queue.put_nowait((payload, alerts))
-        except queue.Full:
-            self.metrics.sink_dropped.labels(self.kind, "queue_full").inc(alerts)
-            log.error(
-                "%s %s: delivery queue full (%d); dropped %d alert(s)", self.kind, self.url, self._queue.maxsize, alerts
-            )
+        if self.confirmed:
+            self._put_waiting(payload, alerts)
+        else:
+            try:
+                self._queue.put_nowait((payload, alerts))
+            except queue.Full:
+                self.metrics.sink_dropped.labels(self.kind, "queue_full").inc(alerts)
+                log.error(
+                    "%s %s: delivery queue full (%d); dropped %d alert(s)",
+                    self.kind,
+                    self.url,
+                    self._queue.maxsize,
+                    alerts,
+                )
+                self.metrics.sink_queue.labels(self.kind).set(self._queue.qsize())
+                return
+        self.queued += 1
         self.metrics.sink_queue.labels(self.kind).set(self._queue.qsize())
+
+    def _put_waiting(self, payload: Any, alerts: int) -> None:
+        """Wait for room in the queue: with confirmed delivery, a receiver that is down holds the
+        daemon back (its lag grows) rather than losing alerts."""
+        waited = 0.0
+        while True:
+            try:
+                self._queue.put((payload, alerts), timeout=1.0)
+                return
+            except queue.Full:
+                waited += 1.0
+                if waited % 30 == 1:
+                    log.warning(
+                        "%s %s: delivery queue full (%d) and delivery is confirmed: waiting for the receiver "
+                        "(%.0f s so far)",
+                        self.kind,
+                        self.url,
+                        self._queue.maxsize,
+                        waited,
+                    )
 
     def _next_timeout(self) -> float:
         return 0.2
@@ -194,20 +361,30 @@ class _QueuedDelivery:
                     return
             else:
                 self.metrics.sink_queue.labels(self.kind).set(self._queue.qsize())
-                self._deliver(payload, alerts)
+                if self._deliver(payload, alerts, queued=True):
+                    self.acknowledged += 1
             if not self._closing.is_set():
                 self._tick()
 
-    def _deliver(self, payload: Any, alerts: int) -> bool:
+    def _deliver(self, payload: Any, alerts: int, queued: bool = False) -> bool:
+        """POST with retries. True once the receiver answered: delivered, or refused for good
+        (dropped, counted). A queued payload of a confirmed sink is retried until the sink is
+        aborted, however many `max_attempts` say."""
         backoff = self.retry.initial_backoff_s
-        for attempt in range(1, self.retry.max_attempts + 1):
-            if self._abort.is_set():
-                break
+        limit = None if self.confirmed and queued else self.retry.max_attempts
+        attempt = 0
+        while not self._abort.is_set():
+            attempt += 1
             try:
                 post_json(self.url, payload, self.headers, self.retry.timeout_s)
             except Exception as exc:
                 self.metrics.sink_failures.labels(self.kind).inc()
-                if not _retryable(exc) or attempt == self.retry.max_attempts:
+                if not _retryable(exc):
+                    # An answer all the same: confirmed delivery does not wait on it forever.
+                    log.error("%s %s: giving up after %d attempt(s): %s", self.kind, self.url, attempt, exc)
+                    self.metrics.sink_dropped.labels(self.kind, "not_delivered").inc(alerts)
+                    return True
+                if limit is not None and attempt >= limit:
                     log.error("%s %s: giving up after %d attempt(s): %s", self.kind, self.url, attempt, exc)
                     break
                 log.warning(
@@ -219,6 +396,8 @@ class _QueuedDelivery:
             else:
                 self.metrics.sink_deliveries.labels(self.kind).inc()
                 return True
+        if self._abort.is_set():
+            log.error("%s %s: %d alert(s) not delivered before shutdown", self.kind, self.url, alerts)
         self.metrics.sink_dropped.labels(self.kind, "not_delivered").inc(alerts)
         return False
 
@@ -246,7 +425,14 @@ class WebhookSink(_QueuedDelivery):
     kind = "webhook"
 
     def __init__(self, config: WebhookSinkConfig, metrics: Metrics) -> None:
-        super().__init__(config.url, config.headers, config.queue_size, config.retry, metrics)
+        super().__init__(
+            config.url,
+            bearer_headers(config.headers, config.bearer_token_env),
+            config.queue_size,
+            config.retry,
+            metrics,
+            confirmed=config.delivery == "confirmed",
+        )
         self.start()
 
     def emit(self, alerts: Sequence[Alert]) -> None:
@@ -280,7 +466,12 @@ class AlertmanagerSink(_QueuedDelivery):
 
     def __init__(self, config: AlertmanagerSinkConfig, metrics: Metrics) -> None:
         super().__init__(
-            config.url.rstrip("/") + "/api/v2/alerts", config.headers, config.queue_size, config.retry, metrics
+            config.url.rstrip("/") + "/api/v2/alerts",
+            bearer_headers(config.headers, config.bearer_token_env),
+            config.queue_size,
+            config.retry,
+            metrics,
+            confirmed=config.delivery == "confirmed",
         )
         self.config = config
         self._active: dict[tuple[str, str], dict[str, Any]] = {}

@@ -12,7 +12,8 @@ import csv
 import gzip
 import io
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +34,7 @@ REJECT_REASONS = (
     "wrong_type",
     "non_finite",
     "bad_timestamp",
+    "future_timestamp",
     "out_of_order",
 )
 
@@ -129,15 +131,22 @@ class BatchBuilder:
 class RecordDecoder:
     """Applies a stream's field mapping to one record.
 
-    `decode` never raises on bad data: it returns a `Rejection` instead.
+    `decode` never raises on bad data: it returns a `Rejection` instead. `clock` (seconds since
+    the epoch) is what `mapping.max_future_s` measures event times against.
     """
 
-    def __init__(self, mapping: Mapping, default_entity: str) -> None:
+    def __init__(self, mapping: Mapping, default_entity: str, clock: Callable[[], float] = time.time) -> None:
         self.mapping = mapping
         self.default_entity = default_entity
+        self.clock = clock
         self._features = [(f.name, f.path, f.default) for f in mapping.features]
+        self._max_future_ms = None if mapping.max_future_s is None else mapping.max_future_s * 1000.0
 
     def decode_bytes(self, raw: bytes, position: int, fallback_ts_ms: int) -> tuple[str, int, list[float]] | Rejection:
+        """Decode one message. An empty value (a Kafka tombstone, a blank line) is `empty`, as
+        in files, not `invalid_json`."""
+        if not raw or raw.isspace():
+            return Rejection(position, "empty", "empty message")
         try:
             record = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -152,9 +161,18 @@ class RecordDecoder:
             return entity
         ts = fallback_ts_ms
         if self.mapping.timestamp is not None:
-            parsed = self._timestamp(_lookup(record, self.mapping.timestamp), position)
+            raw_ts = _lookup(record, self.mapping.timestamp)
+            parsed = self._timestamp(raw_ts, position)
             if isinstance(parsed, Rejection):
                 return parsed
+            # One far-future sample would make every later sample of its entity "out of order";
+            # only the event-time field is checked (a row number or Kafka time is not data).
+            if self._max_future_ms is not None and parsed > self.clock() * 1000.0 + self._max_future_ms:
+                return Rejection(
+                    position,
+                    "future_timestamp",
+                    f"timestamp {str(raw_ts)[:64]!r} is more than {self.mapping.max_future_s:g} s ahead of the clock",
+                )
             ts = parsed
         values: list[float] = []
         for name, path, default in self._features:

@@ -26,8 +26,19 @@ class StaticThreshold:
     def __init__(self, value: float) -> None:
         self.value = value
 
-    def apply(self, slots: np.ndarray, scores: np.ndarray, update: bool = True) -> np.ndarray:
+    def apply(
+        self, slots: np.ndarray, scores: np.ndarray, update: bool = True, population: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The threshold of each score. `population` (rows to judge by the population
+        threshold) changes nothing: this threshold is the same for every entity.
+
+        Shape:
+            slots, scores, population: (R,); returns (R,) float64
+        """
         return np.full(len(scores), self.value, np.float64)
+
+    def restart(self, slot: int) -> None:
+        """Nothing to forget: this rule keeps no per-entity state."""
 
 
 class DynamicThreshold:
@@ -60,6 +71,13 @@ class DynamicThreshold:
         self._run = np.zeros(0, np.int64)
         self._pending = np.zeros((0, rule.regime_after or 0), np.float64)
         self._rebased = np.zeros(0, np.bool_)
+        self.cold_rows = np.zeros(0, np.bool_)  # of the latest `apply`: rows judged by `population`
+
+    def restart(self, slot: int) -> None:
+        """Forget the slot's statistics: it starts cold, as a new entity (a regime change)."""
+        if slot < len(self._n):
+            self._n[slot], self._mean[slot], self._var[slot] = 0, 0.0, 0.0
+            self._run[slot], self._rebased[slot] = 0, False
 
     def _ensure(self, slots: np.ndarray) -> None:
         need = int(slots.max()) + 1 if len(slots) else 0
@@ -105,10 +123,21 @@ class DynamicThreshold:
             var = (1.0 - a) * (var + a * delta * delta)
         self._n[slot], self._mean[slot], self._var[slot] = n + 1, mean, var
 
-    def apply(self, slots: np.ndarray, scores: np.ndarray, update: bool = True) -> np.ndarray:
+    def apply(
+        self, slots: np.ndarray, scores: np.ndarray, update: bool = True, population: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The threshold of each score, updating the per-entity statistics when `update`.
+
+        Rows where `population` is True are judged by the population threshold even if
+        their entity is warm (a cold start). Afterwards `cold_rows` says which rows were.
+
+        Shape:
+            slots, scores, population: (R,); returns (R,) float64
+        """
         self._ensure(slots)
         out = np.empty(len(scores), np.float64)
-        k, warmup, population = self.rule.k, self.rule.warmup, self.population
+        cold_rows = np.zeros(len(scores), np.bool_) if population is None else population.astype(np.bool_)
+        k, warmup, population_value = self.rule.k, self.rule.warmup, self.population
         regime_after, winsorize = self.rule.regime_after, self.rule.winsorize
         n_arr, mean_arr, var_arr = self._n, self._mean, self._var
         # Sequential on purpose: each score's threshold depends on the scores before it.
@@ -116,7 +145,8 @@ class DynamicThreshold:
             slot, x = int(slots[i]), float(scores[i])
             n = int(n_arr[slot])
             cold = n == 0 or (n < warmup and not self._rebased[slot])
-            threshold = population if cold else mean_arr[slot] + k * var_arr[slot] ** 0.5
+            cold_rows[i] |= cold
+            threshold = population_value if cold_rows[i] else mean_arr[slot] + k * var_arr[slot] ** 0.5
             out[i] = threshold
             if not update:
                 continue
@@ -138,6 +168,7 @@ class DynamicThreshold:
                     self._rebased[slot] = True
                     run = 0
                 self._run[slot] = run
+        self.cold_rows = cold_rows
         return out
 
 
@@ -161,10 +192,12 @@ class Severities:
     Shape:
         severity: (R,) int8 in {NONE, WARNING, CRITICAL}
         threshold: (R,) float64, the critical threshold for critical scores, else the warning one
+        cold: (R,) bool, the entity was judged by population thresholds (a cold start)
     """
 
     severity: np.ndarray
     threshold: np.ndarray
+    cold: np.ndarray
 
 
 class SeverityRules:
@@ -188,13 +221,188 @@ class SeverityRules:
         else:
             self.critical = build_rule(config.critical, errors) if config.critical is not None else None
 
-    def apply(self, slots: np.ndarray, scores: np.ndarray, update: bool = True) -> Severities:
-        warn = self.warning.apply(slots, scores, update)
+    def apply(
+        self, slots: np.ndarray, scores: np.ndarray, update: bool = True, population: np.ndarray | None = None
+    ) -> Severities:
+        """Severities of scores in arrival order; `population` marks rows whose entity is still
+        judged by the population thresholds (see `DynamicThreshold.apply`).
+
+        Shape:
+            slots, scores, population: (R,)
+        """
+        cold = np.zeros(len(scores), np.bool_) if population is None else population.astype(np.bool_)
+        warn = self.warning.apply(slots, scores, update, population)
+        if isinstance(self.warning, DynamicThreshold):
+            cold |= self.warning.cold_rows
         severity = (scores > warn).astype(np.int8)
         threshold = warn
         if self.critical is not None:
-            crit = self.critical.apply(slots, scores, update)
+            crit = self.critical.apply(slots, scores, update, population)
+            if isinstance(self.critical, DynamicThreshold):
+                cold |= self.critical.cold_rows
             is_critical = (scores > crit) & (severity == WARNING)
             severity[is_critical] = CRITICAL
             threshold = np.where(is_critical, crit, warn)
-        return Severities(severity, threshold)
+        return Severities(severity, threshold, cold)
+
+    def restart(self, slot: int) -> None:
+        """Forget what the rules learned about `slot` (its regime changed)."""
+        self.warning.restart(slot)
+        if self.critical is not None:
+            self.critical.restart(slot)
+
+
+class EntityBaselines:
+    """Per-entity adjustments around `SeverityRules`: cold starts and regime calibration.
+
+    - Cold start: an entity's first `warmup_windows` windows are judged by the population
+      thresholds (and flagged `cold`), whatever its dynamic statistics say.
+    - Regime change (`start_regime`): the entity's rule statistics restart, and its next
+      `calibration_windows` windows are calibration, not alerts (severity NONE, flagged
+      cold): their median score over the median held-out error of the model, when above 1,
+      becomes the entity's *scale*. From then on its scores are divided by the scale before
+      the rules see them and its thresholds multiplied by it, so a new regime that the model
+      reconstructs, say, three times worse than training alerts on what is anomalous *for
+      that regime*, while a spike far above it still alerts.
+
+    An entity's state is kept by slot. Not thread safe: one pipeline owns it.
+    """
+
+    def __init__(self, warmup_windows: int, calibration_windows: int, errors: ErrorStats) -> None:
+        self.warmup_windows = warmup_windows
+        self.calibration_windows = calibration_windows
+        self.reference = max(errors.quantile(0.5), 1e-12)
+        self._seen = np.zeros(0, np.int64)
+        self._calibrating = np.zeros(0, np.int64)  # calibration windows left
+        self._scale = np.ones(0, np.float64)
+        self._samples: dict[int, list[float]] = {}
+        self._level_sum = np.zeros((0, 0), np.float64)  # per slot: sum of window means in the incident
+        self._level_n = np.zeros(0, np.int64)
+        self._level_windows = np.zeros(0, np.int64)
+
+    def refit(self, errors: ErrorStats) -> None:
+        """A new model: its held-out errors are the reference of the calibration from now on.
+        Scales already fitted stay: they are ratios, not scores."""
+        self.reference = max(errors.quantile(0.5), 1e-12)
+
+    def scale(self, slot: int) -> float:
+        return float(self._scale[slot]) if slot < len(self._scale) else 1.0
+
+    def calibrating(self, slot: int) -> bool:
+        return slot < len(self._calibrating) and bool(self._calibrating[slot] > 0)
+
+    def _ensure(self, slots: np.ndarray) -> None:
+        need = int(slots.max()) + 1 if len(slots) else 0
+        if need <= len(self._seen):
+            return
+        size = max(need, 2 * len(self._seen))
+        for name, fill in (("_seen", 0), ("_calibrating", 0), ("_scale", 1.0)):
+            old = getattr(self, name)
+            new = np.full(size, fill, old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+
+    def forget(self, slot: int) -> None:
+        """The slot's entity was evicted (idle, see `detector.window`): the slot's next entity
+        starts cold and uncalibrated."""
+        if slot < len(self._seen):
+            self._seen[slot], self._calibrating[slot], self._scale[slot] = 0, 0, 1.0
+        self._samples.pop(slot, None)
+
+    def start_regime(self, slot: int, rules: SeverityRules) -> None:
+        """The entity's regime changed: forget its statistics and calibrate it afresh."""
+        self._ensure(np.array([slot]))
+        rules.restart(slot)
+        self._seen[slot] = 0
+        self._scale[slot] = 1.0
+        self._calibrating[slot] = self.calibration_windows
+        self._samples[slot] = []
+
+    def incident_levels(
+        self, slots: np.ndarray, means: np.ndarray, firing: np.ndarray, changed: list[int], skip: int
+    ) -> dict[int, np.ndarray]:
+        """Follow each entity's level through its incidents; return, for each row in `changed`
+        (a regime change), the entity's mean level over that incident.
+
+        The level of an incident is the mean of its windows' means, leaving out its first `skip`
+        windows, which straddle the onset and still hold old values (the latest window's mean
+        when the incident was shorter). Averaging many windows keeps a periodic series from
+        being centred on the phase its last window happened to cover.
+
+        Shape:
+            slots, firing: (R,); means: (R, D) raw window means; returns {row: (D,) float32}
+        """
+        n = len(slots)
+        self._ensure(slots)
+        size = len(self._seen)
+        if len(self._level_n) < size:
+            level_sum = np.zeros((size, means.shape[1]), np.float64)
+            if len(self._level_n):
+                level_sum[: len(self._level_n)] = self._level_sum
+            level_n, level_windows = np.zeros(size, np.int64), np.zeros(size, np.int64)
+            level_n[: len(self._level_n)] = self._level_n
+            level_windows[: len(self._level_n)] = self._level_windows
+            self._level_sum, self._level_n, self._level_windows = level_sum, level_n, level_windows
+        out: dict[int, np.ndarray] = {}
+        wanted = set(changed)
+        level_sum, level_n, level_windows = self._level_sum, self._level_n, self._level_windows
+        # Sequential: an incident's rows accumulate until the entity stops firing.
+        for i in range(n):
+            slot = int(slots[i])
+            if firing[i] or i in wanted:
+                level_windows[slot] += 1
+                if level_windows[slot] > skip:
+                    level_sum[slot] += means[i]
+                    level_n[slot] += 1
+                if i not in wanted:
+                    continue
+                level = level_sum[slot] / level_n[slot] if level_n[slot] else means[i]
+                out[i] = np.asarray(level, np.float32)
+            level_sum[slot], level_n[slot], level_windows[slot] = 0.0, 0, 0
+        return out
+
+    def apply(self, rules: SeverityRules, slots: np.ndarray, scores: np.ndarray, update: bool = True) -> Severities:
+        """Severities of `scores` (in arrival order) through `rules`, with cold starts and
+        regime calibration applied.
+
+        Shape:
+            slots, scores: (R,)
+        """
+        self._ensure(slots)
+        n = len(slots)
+        # Rank of each row among its entity's rows in this batch: vectorized bookkeeping.
+        order = np.argsort(slots, kind="stable")
+        sorted_slots = slots[order]
+        first = np.ones(n, np.bool_)
+        first[1:] = sorted_slots[1:] != sorted_slots[:-1]
+        starts = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+        rank = np.empty(n, np.int64)
+        rank[order] = np.arange(n) - starts
+        calibrating = rank < self._calibrating[slots]
+        if calibrating.any() and update:
+            for slot in np.unique(slots[calibrating]).tolist():
+                taken = scores[calibrating & (slots == slot)]
+                samples = self._samples.setdefault(slot, [])
+                samples.extend(taken.tolist())
+                self._calibrating[slot] -= len(taken)
+                if self._calibrating[slot] == 0:
+                    self._scale[slot] = max(1.0, float(np.median(samples)) / self.reference)
+                    del self._samples[slot]
+        scale = self._scale[slots]
+        judged = ~calibrating
+        population = (self._seen[slots] + rank) < self.warmup_windows
+        severity = np.zeros(n, np.int8)
+        threshold = np.empty(n, np.float64)
+        cold = np.ones(n, np.bool_)
+        if judged.all():
+            sev = rules.apply(slots, scores / scale, update, population)
+            severity, threshold, cold = sev.severity, sev.threshold * scale, sev.cold
+        else:
+            sev = rules.apply(slots[judged], scores[judged] / scale[judged], update, population[judged])
+            severity[judged], threshold[judged], cold[judged] = sev.severity, sev.threshold * scale[judged], sev.cold
+            # Calibration windows show the threshold they would have met; they change nothing.
+            shown = rules.apply(slots[calibrating], scores[calibrating], False, np.ones(int(calibrating.sum()), bool))
+            threshold[calibrating] = shown.threshold
+        if update:
+            np.add.at(self._seen, slots[judged], 1)
+        return Severities(severity, threshold, cold)

@@ -5,6 +5,28 @@ by an integer *slot* per entity (thresholds and alert state use the same slots).
 samples is appended with vectorized index arithmetic, with no Python loop over samples or
 features, and the windows that become due (every `stride` samples once `size` are
 there) come back normalized, in batch order.
+
+Idle eviction (`idle_evict_ms`, from `window.idle_evict_after_s`): the store keeps a stream
+clock, the newest timestamp it has seen (event time, so a file and a Kafka topic with the
+same records evict the same entities). An entity is *evicted* as soon as the clock passes its
+newest sample by more than `idle_evict_ms`: its slot is freed and reused by a later new entity,
+so memory stays bounded however many entities come and go. If it sends again, it starts as a
+brand-new entity: an empty window, and (in the pipeline) fresh threshold and alert state. The
+decision is per sample (was the clock, just before this sample, past the entity's deadline?),
+so it does not depend on how the records are cut into batches: between batches, one vectorized
+comparison over the slots' newest timestamps (skipped while no deadline can have passed) frees
+the idle ones; a sample that arrives within a batch after its entity's deadline moves the
+entity to a new slot and evicts the old one. `evicted` lists what the latest `append` evicted;
+the owner clears its own per-slot state for those slots before the next `append`, which makes
+them free. The pipeline counts evictions in `detector_entities_evicted_total{stream}` and the
+live entities in `detector_entities{stream}`.
+
+Because the clock is the newest timestamp of the whole stream, an entity whose records lag the
+others' by more than `idle_evict_ms` looks idle at every record and never fills a window:
+Kafka partitions read at different paces during a catch-up, or a file that puts series from
+different periods one after the other. Keep the setting well above such skew (and above the
+longest normal silence of an entity). Replay and Kafka agree whenever they see the records in
+the same order (one partition, or a file written in consumption order).
 """
 
 from __future__ import annotations
@@ -109,13 +131,49 @@ class ReadyWindows:
         return len(self.rows)
 
 
+@dataclass
+class Evicted:
+    """The entities one `append` evicted.
+
+    `rows`: each eviction happened after the batch rows before it and before the rows from it
+    on (the row that moved the clock past the entity's deadline is the one before; so is any
+    earlier row of the entity). The same eviction gets the same place in the stream however the
+    stream is cut into batches, so a caller can order its consequences (a resolve) among the
+    windows' (an entity that came back within the batch continues in a new slot from a row at
+    or after `row`).
+
+    Shape:
+        slots, last_ms, rows: (K,) int64; entities: K names
+    """
+
+    slots: np.ndarray
+    entities: list[str]
+    last_ms: np.ndarray  # the entity's newest timestamp before it was evicted
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+
+_NO_TIME = np.iinfo(np.int64).min
+
+
 class WindowStore:
     """Ring buffers of the last `size` raw samples of every entity.
 
-    Not thread safe: one pipeline owns it.
+    Not thread safe: one pipeline owns it. With `idle_evict_ms`, idle entities are evicted
+    (see the module docstring).
     """
 
-    def __init__(self, size: int, stride: int, n_features: int, scaler: Scaler, capacity: int = 1024) -> None:
+    def __init__(
+        self,
+        size: int,
+        stride: int,
+        n_features: int,
+        scaler: Scaler,
+        capacity: int = 1024,
+        idle_evict_ms: int | None = None,
+    ) -> None:
         self.size = size
         self.stride = stride
         self.n_features = n_features
@@ -129,9 +187,21 @@ class WindowStore:
         self._last_ms = np.full(capacity, np.iinfo(np.int64).min, np.int64)
         self._center = np.zeros((capacity, n_features), np.float32)
         self._scale = np.ones((capacity, n_features), np.float32)
+        # Centres re-fitted after a regime change (`recentre`), by entity: a new scaler keeps them.
+        self._recentred: dict[str, np.ndarray] = {}
+        self.idle_evict_ms = idle_evict_ms
+        self.clock_ms = _NO_TIME  # newest timestamp seen on the stream
+        self.evicted = Evicted(np.empty(0, np.int64), [], np.empty(0, np.int64), np.empty(0, np.int64))
+        self._live = np.zeros(capacity, bool)  # slot holds an entity that is not evicted
+        self._free: list[int] = []
+        # A lower bound on the newest timestamp of every live entity: while the clock has not
+        # passed it by `idle_evict_ms`, nothing can be idle and the sweep is skipped.
+        self._oldest_ms = np.iinfo(np.int64).max
+        self._evicting: list[tuple[int, str, int, int]] = []  # (slot, entity, last_ms, row)
 
     def __len__(self) -> int:
-        return len(self.entity_of)
+        """Live entities (not evicted)."""
+        return len(self.slot_of)
 
     def slots(self, entities: list[str]) -> np.ndarray:
         """Slot of each entity, creating slots for new ones."""
@@ -147,13 +217,46 @@ class WindowStore:
     def count(self, slot: int) -> int:
         return int(self._count[slot])
 
+    def rescale(self, scaler: Scaler) -> None:
+        """Normalize with `scaler` from now on, for the entities already buffered too (the
+        rings hold raw values, so their windows need no refill). A centre set by `recentre`
+        is kept."""
+        self.scaler = scaler
+        for slot, entity in enumerate(self.entity_of):
+            self._center[slot], self._scale[slot] = scaler.params_for(entity)
+            if entity in self._recentred:
+                self._center[slot] = self._recentred[entity]
+
+    def params(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The centre and scale each slot's windows are normalized with.
+
+        Shape:
+            slots: (R,); returns two (R, D) float32 arrays
+        """
+        return self._center[slots], self._scale[slots]
+
+    def recentre(self, slot: int, center: np.ndarray) -> None:
+        """Normalize the slot's windows around `center` (raw units, shape (D,)) from now on: its
+        level changed for good (a regime change). The scale stays."""
+        self._center[slot] = center
+        self._recentred[self.entity_of[slot]] = self._center[slot].copy()
+
     def _new_slot(self, entity: str) -> int:
-        slot = len(self.entity_of)
-        if slot == len(self._count):
-            self._grow(2 * slot)
+        if self._free:
+            slot = self._free.pop()
+            self.entity_of[slot] = entity
+            self._count[slot] = 0
+            self._last_ms[slot] = _NO_TIME
+        else:
+            slot = len(self.entity_of)
+            if slot == len(self._count):
+                self._grow(2 * slot)
+            self.entity_of.append(entity)
         self.slot_of[entity] = slot
-        self.entity_of.append(entity)
+        self._live[slot] = True
         self._center[slot], self._scale[slot] = self.scaler.params_for(entity)
+        if entity in self._recentred:
+            self._center[slot] = self._recentred[entity]
         return slot
 
     def _grow(self, capacity: int) -> None:
@@ -168,6 +271,7 @@ class WindowStore:
         self._last_ms = grown(self._last_ms, np.iinfo(np.int64).min)
         self._center = grown(self._center, 0.0)
         self._scale = grown(self._scale, 1.0)
+        self._live = grown(self._live, False)
 
     def append(self, batch: SampleBatch, drop_out_of_order: bool = True) -> tuple[ReadyWindows, np.ndarray]:
         """Append a batch; return the windows it made due and the rows rejected as out of order.
@@ -176,10 +280,28 @@ class WindowStore:
         `drop_out_of_order` it is rejected (never silently: its row comes back), otherwise it
         is appended where it arrived.
         """
+        self._release()
+        if len(batch) == 0:
+            return self._no_windows(), np.empty(0, np.int64)
+        slots = self.slots(batch.entities) if self.idle_evict_ms is None else self._slots_by_life(batch)
+        result = self._append(batch, slots, drop_out_of_order)
+        if self.idle_evict_ms is not None:
+            self._sweep(batch, slots, self.idle_evict_ms)
+        self.evicted = Evicted(
+            np.array([e[0] for e in self._evicting], np.int64),
+            [e[1] for e in self._evicting],
+            np.array([e[2] for e in self._evicting], np.int64),
+            np.array([e[3] for e in self._evicting], np.int64),
+        )
+        self._evicting = []
+        return result
+
+    def _append(
+        self, batch: SampleBatch, slots: np.ndarray, drop_out_of_order: bool
+    ) -> tuple[ReadyWindows, np.ndarray]:
         n = len(batch)
         if n == 0:
             return self._no_windows(), np.empty(0, np.int64)
-        slots = self.slots(batch.entities)
         # Group the batch by entity, keeping arrival order inside each group.
         order = np.argsort(slots, kind="stable")
         s_slots = slots[order]
@@ -196,11 +318,11 @@ class WindowStore:
                 rejected = np.sort(order[late])
                 keep = np.ones(n, bool)
                 keep[rejected] = False
-                return self._append_rows(batch, np.flatnonzero(keep)), rejected
+                return self._append_rows(batch, slots, np.flatnonzero(keep)), rejected
         return self._append_sorted(batch, slots, order, s_slots, first, group_start), rejected
 
-    def _append_rows(self, batch: SampleBatch, rows: np.ndarray) -> ReadyWindows:
-        ready = self.append(batch.take(rows), drop_out_of_order=False)[0]
+    def _append_rows(self, batch: SampleBatch, slots: np.ndarray, rows: np.ndarray) -> ReadyWindows:
+        ready = self._append(batch.take(rows), slots[rows], drop_out_of_order=False)[0]
         ready.rows = rows[ready.rows]
         return ready
 
@@ -280,6 +402,120 @@ class WindowStore:
             end_ms=batch.timestamps[rows[back]],
         )
 
+    # --- idle eviction ------------------------------------------------------------------------
+
+    def _slots_by_life(self, batch: SampleBatch) -> np.ndarray:
+        """Like `slots`, except that a sample arriving when the stream clock is already past its
+        entity's deadline evicts the entity's slot and gets a new one (the entity starts afresh).
+
+        The clock just before each sample is the newest timestamp before it in the batch, or
+        before the batch, so the result is the same however the stream is cut into batches.
+        """
+        assert self.idle_evict_ms is not None
+        slots = self.slots(batch.entities)
+        n, times = len(batch), batch.timestamps
+        clock = np.maximum.accumulate(np.concatenate(([self.clock_ms], times[:-1])))
+        order = np.argsort(slots, kind="stable")
+        s_slots, s_times, s_clock = slots[order], times[order], clock[order]
+        first = np.ones(n, bool)
+        first[1:] = s_slots[1:] != s_slots[:-1]
+        # Newest timestamp of the entity before each sample (the sentinel where there is none).
+        newest = np.where(first, self._last_ms[s_slots], _segmented_running_max(s_times, first, self._last_ms[s_slots]))
+        known = ~first | (self._count[s_slots] > 0)
+        newest = np.where(known, newest, s_clock)  # keeps the subtraction below from overflowing
+        expired = known & (s_clock - newest > self.idle_evict_ms)
+        if not expired.any():
+            return slots
+        if (expired & (s_times < newest)).any():
+            # A sample older than the entity's previous life restarts it: the running maximum
+            # above spans both lives, so recompute the rare batch sample by sample.
+            expired, newest = self._expired_by_loop(s_slots, s_times, s_clock, first, self.idle_evict_ms)
+        group_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+        lives = np.cumsum(expired)  # restarts up to each position (over all groups)
+        restarted = lives > lives[group_start] - expired[group_start]
+        fresh = np.empty(int(lives[-1]), np.int64)
+        at = np.flatnonzero(expired)
+        # The entity's previous row in the batch (-1: none) and the row that moved the clock past
+        # its deadline: the eviction comes after both.
+        previous_row = np.where(first[at], -1, order[np.maximum(at - 1, 0)])
+        evicted_at = np.maximum(_passed(np.maximum(clock, times), newest[at] + self.idle_evict_ms), previous_row) + 1
+        previous_group = -1
+        # One iteration per restart, which happens once per idle period of an entity.
+        for k, p in enumerate(at.tolist()):
+            old = int(fresh[k - 1]) if group_start[p] == previous_group else int(s_slots[p])
+            entity = self.entity_of[old]
+            self._evict(old, int(newest[p]), int(evicted_at[k]))
+            fresh[k] = self._new_slot(entity)
+            previous_group = int(group_start[p])
+        s_slots = np.where(restarted, fresh[np.maximum(lives - 1, 0)], s_slots)
+        out = np.empty(n, np.int64)
+        out[order] = s_slots
+        return out
+
+    def _expired_by_loop(
+        self, s_slots: np.ndarray, s_times: np.ndarray, s_clock: np.ndarray, first: np.ndarray, idle_ms: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`expired` of `_slots_by_life` and the newest timestamp of the entity's life before
+        each sample, one sample at a time."""
+        expired = np.zeros(len(s_slots), bool)
+        before = s_clock.copy()
+        newest: int | None = None
+        for i in range(len(s_slots)):
+            if first[i]:
+                slot = int(s_slots[i])
+                newest = int(self._last_ms[slot]) if self._count[slot] > 0 else None
+            t = int(s_times[i])
+            if newest is not None:
+                before[i] = newest
+            if newest is not None and int(s_clock[i]) - newest > idle_ms:
+                expired[i] = True
+                newest = t
+            else:
+                newest = t if newest is None else max(newest, t)
+        return expired, before
+
+    def _evict(self, slot: int, last_ms: int, row: int) -> None:
+        entity = self.entity_of[slot]
+        if self.slot_of.get(entity) == slot:
+            del self.slot_of[entity]
+        # A returning entity is new, so it forgets a centre re-fitted in its previous life.
+        self._recentred.pop(entity, None)
+        self._live[slot] = False
+        self._evicting.append((slot, entity, last_ms, row))
+
+    def _sweep(self, batch: SampleBatch, slots: np.ndarray, idle_ms: int) -> None:
+        """Advance the clock past `batch` and evict every entity idle for more than `idle_ms`."""
+        times = batch.timestamps
+        clock_before = self.clock_ms
+        self.clock_ms = max(self.clock_ms, int(times.max()))
+        self._oldest_ms = min(self._oldest_ms, int(times.min()))
+        deadline = self.clock_ms - idle_ms
+        if self._oldest_ms >= deadline:
+            return
+        top = len(self.entity_of)
+        live, last = self._live[:top], self._last_ms[:top]
+        idle = np.flatnonzero(live & (last < deadline))
+        if len(idle) == 0:
+            return
+        # Each eviction comes after the row that moved the clock past the entity's deadline and
+        # after the entity's own rows in the batch, as it would with the batch cut there.
+        last_row = np.full(top, -1, np.int64)
+        np.maximum.at(last_row, slots, np.arange(len(batch)))
+        clock = np.maximum.accumulate(np.maximum(times, clock_before))
+        evicted_at = np.maximum(_passed(clock, last[idle] + idle_ms), last_row[idle]) + 1
+        for slot, row in zip(idle.tolist(), evicted_at.tolist(), strict=True):
+            self._evict(slot, int(last[slot]), row)
+        remaining = last[live]  # `_evict` cleared the idle ones from `live`
+        self._oldest_ms = int(remaining.min()) if len(remaining) else np.iinfo(np.int64).max
+
+    def _release(self) -> None:
+        """The slots evicted by the previous `append` become free (their owner has cleared them)."""
+        for slot in self.evicted.slots.tolist():
+            self.entity_of[slot] = ""
+            self._free.append(slot)
+        if len(self.evicted):
+            self.evicted = Evicted(np.empty(0, np.int64), [], np.empty(0, np.int64), np.empty(0, np.int64))
+
     def _no_windows(self) -> ReadyWindows:
         empty = np.empty(0, np.int64)
         return ReadyWindows(empty, empty, np.empty((0, self.size, self.n_features), np.float32), empty, empty)
@@ -313,6 +549,16 @@ def _segmented_running_max(values: np.ndarray, first: np.ndarray, initial: np.nd
             current = int(start[i])
         out[i] = current
         current = max(current, int(values[i]))
+    return out
+
+
+def _passed(clock: np.ndarray, deadlines: np.ndarray) -> np.ndarray:
+    """For each deadline, the first row where the running `clock` is past it (len(clock) if none).
+
+    Shape:
+        clock: (N,) nondecreasing; deadlines: (K,); returns (K,) int64
+    """
+    out: np.ndarray = np.searchsorted(clock, deadlines, side="right").astype(np.int64)
     return out
 
 

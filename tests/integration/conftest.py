@@ -45,13 +45,13 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Topics:
     """Fresh topic names and a consumer group for one test, so tests can share the broker."""
 
-    def __init__(self, kafka: str) -> None:
+    def __init__(self, kafka: str, partitions: int = 3) -> None:
         suffix = uuid.uuid4().hex[:8]
         self.metrics = f"metrics-{suffix}"
         self.alerts = f"alerts-{suffix}"
         self.dead = f"dead-{suffix}"
         self.group = f"detector-{suffix}"
-        create_topics(kafka, [self.metrics], partitions=3)
+        create_topics(kafka, [self.metrics], partitions=partitions)
         create_topics(kafka, [self.alerts, self.dead], partitions=1)
 
 

@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from detector.alerts import Alert
 from detector.config import Stream
-from detector.model import Checkpoint
+from detector.model import Checkpoint, load_checkpoint
+from detector.pipeline import Pipeline
 from detector.source import RecordDecoder, SampleBatch
 from detector.train import fit
 
@@ -56,15 +58,26 @@ def values(entity: str, rows: np.ndarray, seed: int) -> np.ndarray:
     return np.stack([cpu, mem], axis=1)
 
 
-def records(rows: int, seed: int, anomalies: bool = True, first_row: int = 0) -> list[dict[str, Any]]:
-    """JSON records of every entity, interleaved row by row (one per entity per minute)."""
+def records(
+    rows: int,
+    seed: int,
+    anomalies: bool = True,
+    first_row: int = 0,
+    bursts: dict[str, list[range]] | None = None,
+) -> list[dict[str, Any]]:
+    """JSON records of every entity, interleaved row by row (one per entity per minute).
+
+    The anomalies are `bursts` (entity -> row ranges) when given, else ANOMALY_ROWS of each
+    ANOMALOUS entity."""
+    if bursts is None:
+        bursts = {e: [ANOMALY_ROWS] for e in ANOMALOUS}
     out = []
     index = np.arange(first_row, first_row + rows)
     series = {e: values(e, index, seed) for e in ENTITIES}
     for j, row in enumerate(index):
         for e in ENTITIES:
             cpu, mem = series[e][j]
-            if anomalies and e in ANOMALOUS and row in ANOMALY_ROWS:
+            if anomalies and any(row in burst for burst in bursts.get(e, ())):
                 cpu, mem = cpu + 60.0, mem - 30.0
             ts = START + int(row) * STEP
             out.append(
@@ -122,6 +135,7 @@ class Message:
     key: bytes | None
     value: bytes
     headers: dict[str, bytes] = field(default_factory=dict)
+    timestamp_ms: int = -1
 
 
 def read_topic(bootstrap: str, topic: str, expect: int | None = None, timeout_s: float = 20.0) -> list[Message]:
@@ -141,7 +155,7 @@ def read_topic(bootstrap: str, topic: str, expect: int | None = None, timeout_s:
             batch = consumer.poll(timeout_ms=200)
             for tp_records in batch.values():
                 for r in tp_records:
-                    out.append(Message(r.partition, r.offset, r.key, r.value, dict(r.headers or [])))
+                    out.append(Message(r.partition, r.offset, r.key, r.value, dict(r.headers or []), r.timestamp))
                     quiet_since = time.monotonic()
             if expect is not None and len(out) >= expect:
                 break
@@ -268,3 +282,90 @@ def unscored(scores: list[dict[str, Any]], rows: int) -> list[tuple[str, int]]:
     """(entity, row) of every record, from the first full window on, that no score line covers."""
     scored = {(s["entity"], row_of(s["timestamp"])) for s in scores if s["score"] is not None}
     return [(e, r) for e in ENTITIES for r in range(WINDOW - 1, rows) if (e, r) not in scored]
+
+
+class PacedProducer:
+    """Sends `recs` from a background thread, `per_tick` every `interval_s` (steady load), and
+    records where each one landed. A record is encoded when it is sent: holding `lock`, a test
+    may change the records from `sent` on (inject an anomaly a moment ahead). With
+    `partitions`, an entity's records go to partition ENTITIES.index(entity) % partitions
+    instead of the key hash, so the test knows which entities share a partition."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        recs: list[dict[str, Any]],
+        per_tick: int,
+        interval_s: float,
+        partitions: int | None = None,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.recs = recs
+        self.per_tick = per_tick
+        self.interval_s = interval_s
+        self.partitions = partitions
+        self.lock = threading.Lock()
+        self.sent = 0  # records handed to the producer so far
+        self.positions: list[tuple[int, int]] = []  # (partition, offset) of each message, once done
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="paced-producer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def done(self) -> bool:
+        return self.sent == len(self.recs)
+
+    def _run(self) -> None:
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5)
+        try:
+            futures = []
+            tick = time.monotonic()
+            for i in range(0, len(self.recs), self.per_tick):
+                with self.lock:
+                    for key, value in encode(self.recs[i : i + self.per_tick]):
+                        partition = ENTITIES.index(key) % self.partitions if self.partitions else None
+                        futures.append(producer.send(self.topic, key=key.encode(), value=value, partition=partition))
+                    self.sent = len(futures)
+                tick += self.interval_s
+                time.sleep(max(0.0, tick - time.monotonic()))
+            producer.flush()
+            self.positions = [(m.partition, m.offset) for m in (f.get(timeout=30) for f in futures)]
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            producer.close()
+
+    def join(self, timeout_s: float) -> dict[int, int]:
+        """Wait until every message is acknowledged; returns each partition's end offset."""
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), f"the producer did not finish within {timeout_s:.0f} s"
+        if self.error is not None:
+            raise AssertionError(f"the producer failed: {self.error!r}") from self.error
+        ends: dict[int, int] = {}
+        for partition, offset in self.positions:
+            ends[partition] = max(ends.get(partition, 0), offset + 1)
+        return ends
+
+
+def clean_run_alerts(checkpoint_path: Any, recs: list[dict[str, Any]]) -> list[Alert]:
+    """The alert events of one uninterrupted pass of `recs` through the daemon's pipeline (the
+    `Pipeline` that `detector run` and `detector replay` share), in this process: the reference
+    a crashed, restarted or rebalanced daemon must match. Records of one entity keep their
+    order on Kafka (one partition per entity), and an entity's alerts depend on nothing else."""
+    stream = Stream.model_validate(stream_config("unused", str(checkpoint_path)))
+    checkpoint = load_checkpoint(checkpoint_path, stream)
+    decoder = RecordDecoder(stream.mapping, default_entity="hosts")
+    entities, stamps, vals = [], [], []
+    for i, rec in enumerate(recs):
+        entity, ts, v = decoder.decode(rec, i, i)  # type: ignore[misc]
+        entities.append(entity)
+        stamps.append(ts)
+        vals.append(v)
+    samples = SampleBatch(entities, np.asarray(stamps, np.int64), np.asarray(vals, np.float32), np.arange(len(vals)))
+    return Pipeline("hosts", stream, checkpoint).process(samples, mode="alert").alerts

@@ -379,6 +379,7 @@ EXPECTED_KEYS = {
     "threshold",
     "top_features",
     "model_version",
+    "cold_start",
 }
 
 
@@ -414,6 +415,7 @@ def test_to_dict_has_every_field() -> None:
         "threshold": 4.5,
         "top_features": [{"name": "mem", "error": 0.9}, {"name": "disk", "error": 0.5}],
         "model_version": "web-20240101T000000Z-abcd1234",
+        "cold_start": False,
     }
     data = json.loads(json.dumps(resolved.to_dict()))
     assert set(data) == EXPECTED_KEYS | {"resolves", "ends"}

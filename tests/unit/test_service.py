@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,7 +22,7 @@ from detector.config import Config, Stream, load_config, load_config_with_secret
 from detector.errors import ConfigError
 from detector.metrics import HealthServer, Metrics
 from detector.model import save_checkpoint
-from detector.service import Daemon, consumer_settings, kafka_streams, producer_settings
+from detector.service import BrokerContact, Daemon, consumer_settings, kafka_streams, producer_settings
 from detector.sinks import KafkaAlertSink
 from detector.source import SampleBatch
 from detector.train import fit
@@ -183,6 +184,13 @@ class FakeConsumer:
         self.daemon = daemon
         self.commits: list[dict[Any, int]] = []
         self.closed = False
+        # What BrokerContact reads of kafka-python: heartbeat times and the member state.
+        now = time.monotonic()
+        self._coordinator = SimpleNamespace(heartbeat=SimpleNamespace(last_receive=now, last_reset=now))
+        self.state = "<stable>"
+
+    def group_metadata(self) -> SimpleNamespace:
+        return SimpleNamespace(state=self.state)
 
     def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[Any]]:
         if not self.batches:
@@ -304,6 +312,7 @@ def test_a_member_with_no_partitions_is_a_ready_standby(tmp_path: Path) -> None:
     # rollouts do not stall on it and it takes partitions over when another member leaves.
     daemon = build_daemon(tmp_path)
     daemon.consumer = FakeConsumer([], daemon)
+    daemon._contact = BrokerContact(daemon.consumer, 3.0)
     assert not daemon.is_ready()
     daemon._assigned = set()
     daemon._on_rebalance([])
@@ -312,3 +321,52 @@ def test_a_member_with_no_partitions_is_a_ready_standby(tmp_path: Path) -> None:
     daemon._revoked = True  # a rebalance starts: not ready until the next assignment
     daemon._on_rebalance([])
     assert not daemon.is_ready()
+
+
+def test_a_lost_broker_makes_the_daemon_not_ready_until_the_coordinator_answers(tmp_path: Path) -> None:
+    daemon = build_daemon(tmp_path)
+    consumer = FakeConsumer([], daemon)
+    daemon.consumer = consumer
+    daemon._contact = BrokerContact(consumer, 3.0)
+    daemon._assigned = set()
+    daemon._on_rebalance([])
+    heartbeat = consumer._coordinator.heartbeat
+    assert daemon.is_ready() and daemon.kafka_reachable()
+    heartbeat.last_receive = heartbeat.last_reset = time.monotonic() - 2.5  # two missed heartbeats
+    assert daemon.is_ready()
+    heartbeat.last_receive = heartbeat.last_reset = time.monotonic() - 3.5  # the third
+    assert not daemon.is_ready()
+    assert daemon.registry.get_sample_value("detector_ready") == 0
+    assert daemon.registry.get_sample_value("detector_kafka_reachable") == 0
+    # A new coordinator resets the timers, but only an answered heartbeat brings readiness back:
+    # until then the member may have been evicted, and its assignment be stale.
+    heartbeat.last_reset = time.monotonic()
+    assert not daemon.is_ready()
+    heartbeat.last_receive = time.monotonic()
+    assert daemon.is_ready()
+    assert daemon.registry.get_sample_value("detector_kafka_reachable") == 1
+
+
+def test_a_member_that_is_not_joined_is_not_lost_only_not_ready(tmp_path: Path) -> None:
+    # While (re)joining, heartbeats are off by design: readiness already follows the rebalance.
+    daemon = build_daemon(tmp_path)
+    consumer = FakeConsumer([], daemon)
+    consumer.state = "<rebalancing>"
+    consumer._coordinator.heartbeat.last_receive = consumer._coordinator.heartbeat.last_reset = 0.0
+    contact = BrokerContact(consumer, 3.0)
+    assert contact.reachable()
+
+
+def test_broker_contact_reads_what_kafka_python_has() -> None:
+    # BrokerContact reads kafka-python internals: an upgrade that moves them fails here.
+    from kafka import KafkaConsumer
+    from kafka.structs import MemberState
+
+    consumer = KafkaConsumer(bootstrap_servers="127.0.0.1:9", group_id="g", api_version=(2, 8))
+    try:
+        heartbeat = consumer._coordinator.heartbeat
+        assert isinstance(heartbeat.last_receive, float) and isinstance(heartbeat.last_reset, float)
+        assert consumer.group_metadata().state == MemberState.UNJOINED
+        assert BrokerContact(consumer, 3.0).reachable()
+    finally:
+        consumer.close(timeout_ms=0)

@@ -144,8 +144,13 @@ def test_invalid_json() -> None:
     dec = decoder()
     rejected(dec.decode_bytes(b'{"host": "a", ', 7, 0), "invalid_json")
     rejected(dec.decode_bytes(b"\xff\xfe", 7, 0), "invalid_json")
-    rejected(dec.decode_bytes(b"", 7, 0), "invalid_json")
     rejected(dec.decode_bytes(b'{"cpu": NaN}', 7, 0), "invalid_json")
+
+
+@pytest.mark.parametrize("raw", [b"", b" ", b"\n", b"\t \r\n"])
+def test_empty_message_is_empty_not_invalid_json(raw: bytes) -> None:
+    # A Kafka tombstone (null value) arrives as b""; a blank JSONL line is `empty` too.
+    rejected(decoder().decode_bytes(raw, 7, 0), "empty")
 
 
 def test_decode_bytes_matches_decode() -> None:
@@ -236,6 +241,66 @@ def test_first_problem_wins_in_field_order() -> None:
     dec = decoder()
     rejected(dec.decode({"ts": "bad", "cpu": "x"}, 7, 0), "missing_field")
     rejected(dec.decode({"host": "a", "ts": "bad", "cpu": "x"}, 7, 0), "bad_timestamp")
+
+
+# --- future timestamps (mapping.max_future_s) ---------------------------------------------
+
+NOW_S = T0 / 1000 + 3600.0  # the decoders' clock below: an hour after T0
+
+
+def clocked(**mapping: Any) -> RecordDecoder:
+    spec = {"entity": "host", "timestamp": "ts", "features": ["cpu"]} | mapping
+    return RecordDecoder(Mapping.model_validate(spec), default_entity="stream", clock=lambda: NOW_S)
+
+
+def test_future_limit_is_inclusive_and_measured_from_the_clock() -> None:
+    dec = clocked(max_future_s=60)
+    limit_ms = int(NOW_S * 1000) + 60_000
+    assert decoded(dec.decode({"host": "a", "ts": limit_ms, "cpu": 1}, 7, 0))[1] == limit_ms
+    message = rejected(dec.decode({"host": "a", "ts": limit_ms + 1, "cpu": 1}, 7, 0), "future_timestamp").detail
+    assert str(limit_ms + 1) in message and "60 s ahead" in message
+    rejected(dec.decode({"host": "a", "ts": "3000-01-01T00:00:00Z", "cpu": 1}, 7, 0), "future_timestamp")
+
+
+def test_default_future_limit_is_a_day() -> None:
+    dec = clocked()
+    day_ms = int(NOW_S * 1000) + 86_400_000
+    decoded(dec.decode({"host": "a", "ts": day_ms, "cpu": 1}, 7, 0))
+    rejected(dec.decode({"host": "a", "ts": day_ms + 1, "cpu": 1}, 7, 0), "future_timestamp")
+
+
+def test_null_future_limit_accepts_any_parseable_timestamp() -> None:
+    far = 10**15  # the year 33658, in milliseconds
+    assert decoded(clocked(max_future_s=None).decode({"host": "a", "ts": far, "cpu": 1}, 7, 0))[1] == far
+
+
+def test_fallback_timestamps_are_not_checked_against_the_clock() -> None:
+    # Without a timestamp field the row number or Kafka time stands in: not event data to police.
+    dec = clocked(timestamp=None, max_future_s=1)
+    assert decoded(dec.decode({"host": "a", "cpu": 1}, 7, 10**15))[1] == 10**15
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-(10**15), 10**15), st.floats(0.001, 10**9))
+def test_future_rejection_is_exactly_the_timestamps_past_the_limit(ts: int, limit_s: float) -> None:
+    result = clocked(max_future_s=limit_s, timestamp_format="unix_ms").decode({"host": "a", "ts": ts, "cpu": 1}, 7, 0)
+    if ts > NOW_S * 1000 + limit_s * 1000:
+        rejected(result, "future_timestamp")
+    else:
+        assert decoded(result)[1] == ts
+
+
+def test_a_far_future_sample_would_silence_its_entity_without_the_limit() -> None:
+    """Why the limit exists: the window store drops every later sample of the entity."""
+    from detector.window import Scaler, WindowStore
+
+    times = [T0, 10**15, T0 + 60_000, T0 + 120_000]
+    samples = SampleBatch(["a"] * 4, np.asarray(times, np.int64), np.ones((4, 1), np.float32), np.arange(4))
+    store = WindowStore(2, 1, 1, Scaler(np.zeros(1, np.float32), np.ones(1, np.float32)))
+    assert store.append(samples)[1].tolist() == [2, 3]
+    dec = clocked(max_future_s=60)
+    results = [dec.decode({"host": "a", "ts": t, "cpu": 1}, 0, 0) for t in times]
+    assert [r.reason for r in results if isinstance(r, Rejection)] == ["future_timestamp"]
 
 
 # --- timestamps -------------------------------------------------------------------------
@@ -409,6 +474,41 @@ def test_decode_never_raises(mapping: dict[str, Any], record: Any, position: int
 def test_decode_bytes_never_raises(mapping: dict[str, Any], raw: bytes) -> None:
     dec = RecordDecoder(Mapping.model_validate(mapping), default_entity="s")
     check_result(dec.decode_bytes(raw, 3, 5), dec, 3)
+
+
+VALID = b'{"host": "a", "ts": 1700000000000, "cpu": 1.5, "mem": 2, "extra": [1, {"x": null}]}'
+
+
+@st.composite
+def damaged_records(draw: st.DrawFn) -> bytes:
+    """A valid record cut short, or with bytes overwritten, inserted or deleted: such inputs get
+    past the JSON parser far more often than random bytes do."""
+    raw = bytearray(VALID)
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(raw)))
+        edit = draw(st.sampled_from(["cut", "set", "insert", "delete"]))
+        byte = draw(st.integers(0, 255) | st.sampled_from(list(b'{}[]",:.-e0 \\')))
+        if edit == "cut":
+            del raw[at:]
+        elif edit == "set" and at < len(raw):
+            raw[at] = byte
+        elif edit == "insert":
+            raw.insert(at, byte)
+        elif at < len(raw):
+            del raw[at]
+    return bytes(raw)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from([*MAPPINGS, {"entity": "host", "features": ["cpu", "mem"], "max_future_s": 1}]),
+    damaged_records()
+    | st.binary(min_size=0, max_size=4096)
+    | st.sampled_from([b"", b" \n", b"\x00", b"\xef\xbb\xbf{}", VALID + b"\n", VALID * 2, b"{" * 5000]),
+)
+def test_any_bytes_decode_to_a_sample_or_a_rejection(mapping: dict[str, Any], raw: bytes) -> None:
+    dec = RecordDecoder(Mapping.model_validate(mapping), default_entity="s", clock=lambda: NOW_S)
+    check_result(dec.decode_bytes(raw, 11, 5), dec, 11)
 
 
 json_safe_scalars = (
