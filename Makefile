@@ -32,12 +32,15 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
-# The short benchmark set (a few minutes on two cores); each script prints its settings and
-# tables, and takes --help for the full grids. Results and commands: docs/performance.md.
+# The short benchmark set (each script under about 3 minutes on two cores); each prints its
+# settings and tables, and takes --help for the full grids. Results and commands:
+# docs/performance.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/model_throughput.py
 	$(BIN)/python benchmarks/window_memory.py
 	$(BIN)/python benchmarks/end_to_end.py
+	$(BIN)/python benchmarks/peers.py
+	$(BIN)/python benchmarks/scale_out.py
 
 # prometheus, promtool, alertmanager and amtool from Debian's packages, unpacked into .venv/tools
 # (nothing is installed system-wide, no service starts). tests/unit/test_deploy.py and

@@ -196,6 +196,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.rows < args.window:
         parser.error("--rows must be at least --window (the first W-1 rows only fill windows)")
+    try:
+        import river  # noqa: F401
+    except ImportError:
+        parser.error("River is not installed: pip install -e '.[bench]'")
 
     torch.set_num_threads(args.threads)
     strides = [int(s) for s in args.strides.split(",") if s]

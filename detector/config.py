@@ -1,8 +1,8 @@
 """Typed, frozen configuration loaded from YAML.
 
-`load_config(path)` is the only entry point: it reads the file with `yaml.safe_load`,
-substitutes `${ENV_VAR}` (or `${ENV_VAR:-default}`) anywhere in a string, validates the
-whole tree and raises one `ConfigError` listing every problem with its YAML path
+`load_config(path)` is the only entry point: it reads the file with a `yaml.SafeLoader` that
+also refuses a key given twice, substitutes `${ENV_VAR}` (or `${ENV_VAR:-default}`) anywhere
+in a string, validates the whole tree and raises one `ConfigError` listing every problem with its YAML path
 (`streams.web.window.size: ...`). Secrets belong in the environment, never in the file.
 """
 
@@ -153,6 +153,13 @@ class Window(_Model):
         "new entity. Bounds memory when entities come and go. `null`: never. Set it above the longest "
         "normal silence of an entity and above the event-time skew between partitions",
     )
+
+    @model_validator(mode="after")
+    def _stride_within_size(self) -> Window:
+        # Samples between two windows that far apart are never scored: a blind spot, not a setting.
+        if self.stride > self.size:
+            raise ValueError(f"stride ({self.stride}) must be <= size ({self.size}): larger leaves samples unscored")
+        return self
 
 
 class Normalization(_Model):
@@ -405,8 +412,8 @@ class Retraining(_Model):
         1,
         ge=1,
         le=256,
-        description="torch intra-op threads while fine-tuning; torch has one such setting per process, so scoring "
-        "uses at most this many too while a retraining runs (1 leaves a core to each)",
+        description="torch intra-op threads of the fine-tuning. `detector run` fine-tunes in a separate, "
+        "lower-priority process, so scoring keeps the other cores (1 leaves all but one to scoring)",
     )
     seed: int = Field(0, description="seeds the reservoir's sampling and the fine-tuning's batch order")
 
@@ -639,8 +646,8 @@ class Kafka(_Model):
 
 class Retry(_Model):
     """Delivery retries of a sink: exponential backoff from `initial_backoff_s`, doubling up to
-    `max_backoff_s`, `max_attempts` tries in all, each with a `timeout_s` request timeout. A
-    4xx answer other than 429 is not retried."""
+    `max_backoff_s`, `max_attempts` tries in all (or until delivered), each with a `timeout_s`
+    request timeout. A 4xx answer other than 429 is not retried."""
 
     initial_backoff_s: float = Field(0.5, gt=0, description="wait before the first retry, in seconds")
     max_backoff_s: float = Field(30.0, gt=0, description="longest wait between tries, in seconds")
@@ -678,7 +685,8 @@ class WebhookSinkConfig(_Model):
         1000,
         ge=1,
         description="deliveries waiting; when full, new alerts are dropped, counted "
-        '(`detector_sink_dropped_total{cause="queue_full"}`) and logged',
+        '(`detector_sink_dropped_total{cause="queue_full"}`) and logged; with `delivery: confirmed`, the daemon '
+        "waits for room instead",
     )
     bearer_token_env: str | None = Field(
         None,
@@ -714,7 +722,8 @@ class AlertmanagerSinkConfig(_Model):
         1000,
         ge=1,
         description="deliveries waiting; when full, new alerts are dropped, counted "
-        '(`detector_sink_dropped_total{cause="queue_full"}`) and logged',
+        '(`detector_sink_dropped_total{cause="queue_full"}`) and logged; with `delivery: confirmed`, the daemon '
+        "waits for room instead",
     )
     bearer_token_env: str | None = Field(
         None,
@@ -856,10 +865,35 @@ def _yaml_path(data: Any, loc: tuple[int | str, ...]) -> str:
     return path or "<root>"
 
 
+class _StrictSafeLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, except that a key given twice in one mapping is an error: PyYAML would
+    silently keep the last one, so half of a duplicated section would be ignored unseen."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges are meant to be overridden
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base loader reports it
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    f"in the mapping at line {node.start_mark.line + 1}",
+                    node.start_mark,
+                    f"duplicate key {key!r} (first at line {first})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_config(text: str, source: str = "<string>", base_dir: Path | None = None) -> tuple[Config, set[str]]:
     """Validate YAML text. Returns the config and the YAML paths filled from the environment."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictSafeLoader)  # a SafeLoader: Python tags are refused
     except yaml.YAMLError as exc:
         raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
     if not isinstance(data, dict):

@@ -2,7 +2,15 @@
 
 The daemon and `detector replay` both push batches through `Pipeline.process`, so a file
 and a Kafka topic with the same records give the same scores and the same alerts. The
-result does not depend on how the records are cut into batches.
+result does not depend on how the records are cut into batches, with two exceptions that
+take effect at the next batch boundary: a retrained model (`retraining`) and an entity's
+re-based normalization after a regime change (`regime`).
+
+With `window.idle_evict_after_s`, an entity idle that long in event time is evicted (see
+`detector.window`): its threshold and alert state are cleared with its window, an open
+incident ends with a `resolved` event (reason `idle`) placed in the event order where the
+eviction happened, and `BatchResult.evicted` counts evictions (the daemon's
+`detector_entities_evicted_total`).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from detector.config import Scoring, Stream
 from detector.drift import ScoreDrift
 from detector.metrics import Metrics
 from detector.model import Checkpoint, check_layout, score_windows
-from detector.retrain import Retrainer
+from detector.retrain import Retrainer, TrainingProcess
 from detector.source import Rejection, SampleBatch
 from detector.store import CheckpointStore
 from detector.threshold import EntityBaselines, SeverityRules
@@ -62,12 +70,15 @@ class Pipeline:
         stream: Stream,
         checkpoint: Checkpoint,
         scoring: Scoring | None = None,
-        background_retraining: bool = False,
+        trainer: TrainingProcess | None = None,
         metrics: Metrics | None = None,
+        model_store: CheckpointStore | None = None,
     ) -> None:
         """With `stream.retraining.enabled`, the pipeline retrains its model (see
-        `detector.retrain`): on a worker thread with `background_retraining` (the daemon),
-        else in line at batch boundaries (replay: reproducible). `metrics` counts retrainings."""
+        `detector.retrain`): in the background in `trainer` (the daemon's; it outlives the
+        pipeline), else in line at batch boundaries (replay: reproducible). `metrics` counts
+        retrainings; `model_store` receives and promotes the accepted models (the daemon
+        passes the stream's; a replay leaves the store alone)."""
         self.name = name
         self.stream = stream
         self.checkpoint = checkpoint
@@ -96,8 +107,7 @@ class Pipeline:
         )
         self.retrainer: Retrainer | None = None
         if stream.retraining.enabled:
-            store = CheckpointStore(stream.model_store) if stream.model_store is not None else None
-            self.retrainer = Retrainer(name, stream, len(checkpoint.features), background_retraining, metrics, store)
+            self.retrainer = Retrainer(name, stream, len(checkpoint.features), trainer, metrics, model_store)
         self.drift = ScoreDrift(checkpoint.errors.sorted_errors)
 
     def reconfigure(self, stream: Stream) -> None:

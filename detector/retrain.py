@@ -13,30 +13,39 @@ out of the fine-tuning), and accepts the copy when its mean reconstruction error
 held-out errors, so thresholds refit from them when the pipeline swaps it in (and, with a
 model store, it is stored and promoted first).
 
-Background mode (the daemon) fine-tunes on a worker thread and the scoring loop picks the
-result up at a batch boundary, never waiting for it; synchronous mode (replay, tests)
-fine-tunes in line at the batch boundary where retraining is due, so a replay is
-reproducible. The pipeline owns the retrainer and calls it from its own thread only.
+In the background (the daemon), a worker thread hands the job to a `TrainingProcess`, a
+lower-priority child process that shares neither the GIL nor torch's thread setting with
+scoring, and the scoring loop picks the result up at a batch boundary, never waiting for
+it. In line (replay, tests), fine-tuning runs at the batch boundary where retraining is
+due, so a replay is reproducible; both give the same candidate. The pipeline owns the
+retrainer and calls it from its own thread only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import multiprocessing
+import os
+import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from detector.config import Retraining, Stream
+from detector.config import ModelSpec, Retraining, Stream
 from detector.errors import CheckpointError
 from detector.metrics import Metrics
-from detector.model import Checkpoint, ErrorStats, new_version, score_windows
+from detector.model import Checkpoint, ErrorStats, RecurrentAutoencoder, new_version, score_windows
 from detector.source import format_timestamp
 from detector.store import CheckpointStore
 
@@ -188,7 +197,7 @@ class RetrainResult:
     detail: str = ""
 
 
-def fine_tune(model: nn.Module, windows: np.ndarray, cfg: Retraining, seed: int) -> nn.Module:
+def fine_tune(model: RecurrentAutoencoder, windows: np.ndarray, cfg: Retraining, seed: int) -> RecurrentAutoencoder:
     """Train `model` in place on `windows` for `cfg.epochs` epochs (AdamW, gradient norm
     clipped to 1) and return it in eval mode.
 
@@ -212,14 +221,157 @@ def fine_tune(model: nn.Module, windows: np.ndarray, cfg: Retraining, seed: int)
     return model
 
 
-def retrain(
-    stream_name: str, stream: Stream, current: Checkpoint, windows: np.ndarray, end_ms: np.ndarray, seed: int
-) -> RetrainResult:
-    """Fine-tune a copy of `current` on the older part of `windows` and judge it on the rest.
+def fit_candidate(
+    model: RecurrentAutoencoder, train: np.ndarray, val: np.ndarray, cfg: Retraining, seed: int
+) -> tuple[RecurrentAutoencoder, np.ndarray, np.ndarray]:
+    """Fine-tune a copy of `model` on `train`; score both on `val` (as live windows are).
 
-    `current.model` is only read (scored on the held-out windows), so the caller may pass a
-    copy that no other thread uses. Never raises for a bad candidate: a worse one is
-    `rejected`, an exception while training is `failed`.
+    Runs with `cfg.threads` torch threads (restored afterwards). Torch has one such setting
+    per process, so the daemon runs this in a `TrainingProcess`, away from scoring.
+
+    Shape:
+        train: (N, W, D), val: (V, W, D); returns the candidate and the errors (V,) of the
+        model and of the candidate
+    """
+    last_steps = model.spec.score_last_steps
+    current = score_windows(model, val, last_steps=last_steps)[0]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cfg.threads)
+        candidate = fine_tune(copy.deepcopy(model), train, cfg, seed)
+        errors = score_windows(candidate, val, last_steps=last_steps)[0]
+    finally:
+        torch.set_num_threads(threads)
+    return candidate, current, errors
+
+
+def _serve(conn: Connection) -> None:
+    """The body of a `TrainingProcess`: answer fine-tuning jobs until the pipe closes."""
+    # Ctrl-C reaches the whole process group; the daemon decides when this process ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Background work: on a busy machine the scheduler should favour the scoring process.
+    os.nice(10)
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        try:
+            model = RecurrentAutoencoder(job["n_features"], ModelSpec.model_validate(job["spec"]))
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in job["state"].items()})
+            model.eval()
+            cfg = Retraining.model_validate(job["cfg"])
+            candidate, current, errors = fit_candidate(model, job["train"], job["val"], cfg, job["seed"])
+            state = {k: v.detach().numpy() for k, v in candidate.state_dict().items()}
+            conn.send(("ok", (state, current, errors)))
+        except Exception as exc:
+            conn.send(("error", repr(exc)))
+
+
+class TrainingInterruptedError(RuntimeError):
+    """The training process was closed (shutdown, rebalance) while a job was in flight."""
+
+
+class TrainingProcess:
+    """A child process (spawned on first use, then kept) that runs `fit_candidate`.
+
+    Fine-tuning a small recurrent model is mostly Python overhead between tiny tensor ops:
+    in a thread it would hold the GIL most of the time and make every scoring batch wait for
+    it, and torch's thread count is per process. A process shares neither. `run` blocks the
+    calling (worker) thread only; `close` ends the process, and a `run` in progress then
+    raises.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()  # one job at a time, whichever retrainer sends it
+
+    def start(self) -> TrainingProcess:
+        """Start the process now (importing torch there takes a while), not at the first job."""
+        with self._lock:
+            self._ensure()
+        return self
+
+    def _ensure(self) -> Connection:
+        if self._process is None or not self._process.is_alive() or self._conn is None:
+            context = multiprocessing.get_context("spawn")
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_serve, args=(theirs,), name=self.name, daemon=True)
+            process.start()
+            theirs.close()
+            self._process, self._conn = process, ours
+        return self._conn
+
+    def run(
+        self, model: RecurrentAutoencoder, train: np.ndarray, val: np.ndarray, cfg: Retraining, seed: int
+    ) -> tuple[RecurrentAutoencoder, np.ndarray, np.ndarray]:
+        """`fit_candidate` in the child process (same arguments, same result).
+
+        Shape:
+            train: (N, W, D), val: (V, W, D); returns the candidate and two (V,) error arrays
+        """
+        with self._lock:
+            conn = self._ensure()
+            conn.send(
+                {
+                    "n_features": model.output.out_features,
+                    "spec": model.spec.model_dump(),
+                    "state": {k: v.detach().numpy() for k, v in model.state_dict().items()},
+                    "cfg": cfg.model_dump(),
+                    "train": train,
+                    "val": val,
+                    "seed": seed,
+                }
+            )
+            try:
+                status, payload = conn.recv()
+            except (EOFError, OSError) as exc:
+                raise TrainingInterruptedError(f"training process {self.name} ended: {exc!r}") from None
+        if status != "ok":
+            raise RuntimeError(f"training process: {payload}")
+        state, current, errors = payload
+        candidate = copy.deepcopy(model)
+        candidate.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+        candidate.eval()
+        return candidate, current, errors
+
+    def close(self, busy: bool = False) -> None:
+        """End the process: ask it to exit, or, when `busy` (a job in flight that nobody will
+        wait for), terminate it at once. A later job starts a new one."""
+        process, conn = self._process, self._conn
+        self._process = self._conn = None
+        if process is not None and busy:
+            process.terminate()
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+            conn.close()
+        if process is not None:
+            process.join(2.0)
+            if process.is_alive():
+                process.kill()
+                process.join(2.0)
+
+
+def retrain(
+    stream_name: str,
+    stream: Stream,
+    current: Checkpoint,
+    windows: np.ndarray,
+    end_ms: np.ndarray,
+    seed: int,
+    trainer: TrainingProcess | None = None,
+) -> RetrainResult:
+    """Fine-tune a copy of `current` on the older part of `windows` and judge it on the rest,
+    in `trainer` when given, else in this thread.
+
+    `current.model` is only read, so the caller may pass a copy that no other thread uses.
+    Never raises for a bad candidate: a worse one is `rejected`, an exception while training
+    is `failed`.
 
     Shape:
         windows: (K, W, D) oldest first; end_ms: (K,)
@@ -228,23 +380,19 @@ def retrain(
     started = time.monotonic()
     n_val = max(1, round(len(windows) * cfg.validation_fraction))
     train, val = windows[: len(windows) - n_val], windows[len(windows) - n_val :]
-    last_steps = current.model.spec.score_last_steps
-    threads = torch.get_num_threads()
-    current_errors = score_windows(current.model, val, last_steps=last_steps)[0]
-    current_error = float(current_errors.mean())
     try:
-        # Torch has one intra-op thread count per process: fine-tuning's setting holds for
-        # scoring too while it runs, so the two share the cores instead of oversubscribing them.
-        torch.set_num_threads(cfg.threads)
-        candidate = fine_tune(copy.deepcopy(current.model), train, cfg, seed)
-        errors = score_windows(candidate, val, last_steps=last_steps)[0]
+        fit = trainer.run if trainer is not None else fit_candidate
+        candidate, current_errors, errors = fit(current.model, train, val, cfg, seed)
+    except TrainingInterruptedError as exc:
+        return RetrainResult(
+            "failed", None, float("nan"), float("nan"), len(train), n_val, time.monotonic() - started, str(exc)
+        )
     except Exception as exc:
         log.exception("stream %s: retraining failed", stream_name)
         return RetrainResult(
-            "failed", None, current_error, float("nan"), len(train), n_val, time.monotonic() - started, repr(exc)
+            "failed", None, float("nan"), float("nan"), len(train), n_val, time.monotonic() - started, repr(exc)
         )
-    finally:
-        torch.set_num_threads(threads)
+    current_error = float(current_errors.mean())
     candidate_error = float(errors.mean())
     seconds = time.monotonic() - started
     if not np.isfinite(candidate_error) or candidate_error > current_error * (1 + cfg.tolerance):
@@ -265,7 +413,7 @@ def retrain(
         "until": format_timestamp(int(end_ms.max())),
     }
     ckpt = Checkpoint(
-        model=candidate,  # type: ignore[arg-type]
+        model=candidate,
         scaler=current.scaler,
         errors=ErrorStats.from_errors(errors),
         features=current.features,
@@ -290,9 +438,10 @@ class Retrainer:
     """When and how one stream's model is retrained; see the module docstring.
 
     The pipeline calls `observe` after scoring a batch and `step` at each batch boundary,
-    from its own thread. With `background`, `step` starts a worker thread and later returns
-    its result; otherwise it fine-tunes in line. `store` (a `CheckpointStore`) receives each
-    accepted candidate (source "retrain", parent the version in use), promoted.
+    from its own thread. With a `trainer`, `step` starts a worker thread that has the
+    trainer fine-tune, and a later `step` returns the result; without, it fine-tunes in line.
+    `store` (a `CheckpointStore`) receives each accepted candidate (source "retrain", parent
+    the version in use), promoted. The trainer belongs to the caller, who closes it.
     """
 
     def __init__(
@@ -300,14 +449,14 @@ class Retrainer:
         stream_name: str,
         stream: Stream,
         n_features: int,
-        background: bool = False,
+        trainer: TrainingProcess | None = None,
         metrics: Metrics | None = None,
         store: CheckpointStore | None = None,
     ) -> None:
         cfg = stream.retraining
         self.stream_name = stream_name
         self.stream = stream
-        self.background = background
+        self.background = trainer is not None
         self.metrics = metrics
         self.store = store
         self.reservoir = Reservoir(
@@ -318,7 +467,8 @@ class Retrainer:
             cfg.exclude_anomalous,
             cfg.seed,
         )
-        self.results: list[RetrainResult] = []  # every finished retraining, oldest first
+        # The latest finished retrainings, oldest first (bounded: each may hold a model).
+        self.results: deque[RetrainResult] = deque(maxlen=32)
         self._rounds = 0
         self._windows_since = 0
         self._last_ms: int | None = None  # event time of the latest window seen
@@ -326,6 +476,8 @@ class Retrainer:
         self._worker: threading.Thread | None = None
         self._done: RetrainResult | None = None
         self._lock = threading.Lock()
+        self._closed = False
+        self._trainer = trainer
 
     @property
     def busy(self) -> bool:
@@ -386,12 +538,14 @@ class Retrainer:
 
     def _run(self, current: Checkpoint, windows: np.ndarray, end_ms: np.ndarray, seed: int) -> None:
         try:
-            result = retrain(self.stream_name, self.stream, current, windows, end_ms, seed)
+            result = retrain(self.stream_name, self.stream, current, windows, end_ms, seed, self._trainer)
             if result.outcome == "accepted" and self.store is not None:
                 result = self._keep(result, current.version)
         except Exception as exc:  # the worker must always report back, or retraining stops for good
             log.exception("stream %s: retraining failed", self.stream_name)
             result = RetrainResult("failed", None, float("nan"), float("nan"), 0, 0, 0.0, repr(exc))
+        if self._closed:
+            return  # the pipeline is gone (a rebalance or shutdown ended the training process)
         if self.metrics is not None:
             self.metrics.retrain_total.labels(self.stream_name, result.outcome).inc()
             self.metrics.retrain_seconds.labels(self.stream_name).observe(result.seconds)
@@ -454,4 +608,5 @@ class Retrainer:
         worker = self._worker
         if worker is not None:
             worker.join(timeout_s)
+        self._closed = True
         self._worker = None

@@ -60,7 +60,8 @@ from detector.errors import ConfigError, DetectorError
 from detector.metrics import HealthServer, Metrics
 from detector.model import Checkpoint
 from detector.pipeline import BatchResult, Pipeline
-from detector.sinks import AlertmanagerSink, DeadLetterWriter, KafkaAlertSink, SinkError, WebhookSink, sent_alert_ids
+from detector.retrain import TrainingProcess
+from detector.sinks import AlertmanagerSink, DeadLetterWriter, KafkaAlertSink, SinkError, WebhookSink
 from detector.source import BatchBuilder, RecordDecoder, Rejection, format_timestamp
 from detector.store import CheckpointStore, stream_checkpoint
 from detector.threshold import SEVERITY_NAMES
@@ -75,7 +76,7 @@ _DRIFT_INTERVAL_S = 5.0
 _CONNECT_BACKOFF_S = 0.5
 _CONNECT_BACKOFF_MAX_S = 5.0
 # How long one attempt to reach a broker at start may take, in milliseconds.
-_CONNECT_ATTEMPT_MS = 3000
+_CONNECT_ATTEMPT_MS = 5000
 # Heartbeats the group coordinator may leave unanswered before the broker counts as lost: three,
 # as in Kafka's rule that the heartbeat interval is at most a third of the session timeout.
 _MISSED_HEARTBEATS = 3
@@ -177,20 +178,23 @@ class StreamRuntime:
     checkpoint: Checkpoint
     decoder: RecordDecoder
     pipeline: Pipeline
+    trainer: TrainingProcess | None = None  # fine-tunes for `retraining`; outlives pipelines
+    model_store: CheckpointStore | None = None  # where retrained models go
 
 
-def kafka_streams(config: Config) -> dict[str, Stream]:
-    """The streams that read from Kafka; raises ConfigError when there are none."""
+def kafka_streams(config: Config, source: str = "<config>") -> dict[str, Stream]:
+    """The streams that read from Kafka; raises ConfigError (naming `source`, the config file)
+    when there are none."""
     streams = {name: s for name, s in config.streams.items() if isinstance(s.input, KafkaInput)}
     if not streams:
-        raise ConfigError("streams", ["no stream reads from Kafka (input.kind: kafka); nothing to run"])
+        raise ConfigError(source, ["streams: no stream reads from Kafka (input.kind: kafka); nothing to run"])
     missing = [
         f"streams.{name}.checkpoint: required by `detector run` (or a `model_store`)"
         for name, s in streams.items()
         if not s.checkpoint and not s.model_store
     ]
     if missing:
-        raise ConfigError("streams", missing)
+        raise ConfigError(source, missing)
     return streams
 
 
@@ -208,14 +212,19 @@ class Daemon:
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.runtimes: dict[str, StreamRuntime] = {}
-        for name, stream in kafka_streams(config).items():
+        for name, stream in kafka_streams(config, str(config_path or "<config>")).items():
             ckpt = stream_checkpoint(stream)
+            trainer = TrainingProcess(f"retrain-{name}").start() if stream.retraining.enabled else None
+            # Retrained models go to the stream's store, promoted, so a restart resumes with them.
+            store = CheckpointStore(stream.model_store) if stream.model_store is not None else None
             self.runtimes[name] = StreamRuntime(
                 name,
                 stream,
                 ckpt,
                 RecordDecoder(stream.mapping, default_entity=name),
-                Pipeline(name, stream, ckpt, config.scoring, background_retraining=True, metrics=self.metrics),
+                Pipeline(name, stream, ckpt, config.scoring, trainer=trainer, metrics=self.metrics, model_store=store),
+                trainer,
+                store,
             )
             self.metrics.model_info.labels(name, ckpt.version).set(1)
             log.info("stream %s: topic %s, model %s", name, stream.input.topic, ckpt.version)  # type: ignore[union-attr]
@@ -275,14 +284,6 @@ class Daemon:
                 self.scores_file.write("\n")
         self._contact = BrokerContact(self.consumer, _MISSED_HEARTBEATS * cfg.kafka.heartbeat_interval_ms / 1000)
         self.consumer.subscribe(sorted(self.topic_streams), listener=_Listener(self))
-        alert_sink = self._kafka_alert_sink()
-        if alert_sink is not None:
-            from kafka.structs import TopicPartition
-
-            # Alerts already on the topic were sent before this process sent any.
-            partitions = self.consumer.partitions_for_topic(alert_sink.topic) or ()
-            tps = [TopicPartition(alert_sink.topic, p) for p in partitions]
-            alert_sink.floor = {tp.partition: end for tp, end in self.consumer.end_offsets(tps).items()}
         log.info("joining group %s for topics %s", cfg.kafka.group_id, ", ".join(sorted(self.topic_streams)))
         return True
 
@@ -290,23 +291,39 @@ class Daemon:
         """The producer (None when no sink needs one) and the consumer, once a broker answers.
         Retries with backoff until then; None when stopped while waiting."""
         from kafka import KafkaConsumer, KafkaProducer
-        from kafka.errors import KafkaError
+        from kafka.errors import KafkaConfigurationError, KafkaError
 
         cfg = self.config
         servers = ", ".join(cfg.kafka.bootstrap_servers)
         backoff = _CONNECT_BACKOFF_S
         attempt = 0
-        while not self._stop.is_set():
-            attempt += 1
+
+        def clients(out: list[Any]) -> None:
             producer = None
             try:
                 # A producer is the probe: one that cannot bootstrap cleans up after itself, whereas
                 # a consumer that fails in its constructor leaves its IO thread running.
                 producer = KafkaProducer(**{**producer_settings(cfg), "bootstrap_timeout_ms": _CONNECT_ATTEMPT_MS})
-                consumer = KafkaConsumer(**consumer_settings(cfg))
-            except KafkaError as exc:
+                out.append((producer, KafkaConsumer(**consumer_settings(cfg))))
+            except Exception as exc:
                 if producer is not None:
                     producer.close(timeout=0)
+                out.append(exc)
+
+        while not self._stop.is_set():
+            attempt += 1
+            # On a thread of its own, so that SIGTERM is answered at once, not after the attempt.
+            out: list[Any] = []
+            connecting = threading.Thread(target=clients, args=(out,), name="kafka-connect", daemon=True)
+            connecting.start()
+            while connecting.is_alive() and not self._stop.is_set():
+                connecting.join(0.1)
+            if self._stop.is_set():
+                break  # the thread ends with the process
+            if isinstance(out[0], Exception):
+                exc = out[0]
+                if not isinstance(exc, KafkaError) or isinstance(exc, KafkaConfigurationError):
+                    raise exc  # a bad setting, say: no point in trying again
                 log.warning(
                     "waiting for Kafka at %s (attempt %d: %s); retrying in %.1f s; /-/ready answers 503 until then",
                     servers,
@@ -317,6 +334,7 @@ class Daemon:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, _CONNECT_BACKOFF_MAX_S)
                 continue
+            producer, consumer = out[0]
             if attempt > 1:
                 log.info("Kafka at %s answered after %d attempt(s)", servers, attempt)
             if cfg.sinks.kafka is None and cfg.kafka.dead_letter_topic is None:
@@ -449,14 +467,18 @@ class Daemon:
         for rt in self.runtimes.values():
             rt.pipeline.close(timeout_s=0.0)  # a retraining in progress finishes unused
             rt.pipeline = Pipeline(
-                rt.name, rt.stream, rt.checkpoint, self.config.scoring, background_retraining=True, metrics=self.metrics
+                rt.name,
+                rt.stream,
+                rt.checkpoint,
+                self.config.scoring,
+                trainer=rt.trainer,
+                metrics=self.metrics,
+                model_store=rt.model_store,
             )
         self._live_from = {}
         refill = self.config.kafka.refill_records
-        notes: list[str] = []
         for tp in sorted(assigned):
-            found = self.consumer.committed(tp, metadata=True)
-            committed = None if found is None else found.offset
+            committed = self.consumer.committed(tp)
             if committed is None:
                 # A new group: start where auto_offset_reset put us, re-reading what was dropped.
                 if tp in first_dropped:
@@ -466,7 +488,6 @@ class Daemon:
             start = max(begin, committed - refill)
             self.consumer.seek(tp, start)
             self._live_from[tp] = committed
-            notes.append(found.metadata)
             log.info(
                 "assigned %s[%d]: committed offset %d, refilling windows from offset %d",
                 tp.topic,
@@ -474,7 +495,6 @@ class Daemon:
                 committed,
                 start,
             )
-        self._skip_sent_alerts(notes)
         # Ready once the group has given this member its share, even none: a replica beyond the
         # partition count is a standby that takes partitions over when a member leaves.
         self._ready = True
@@ -560,9 +580,8 @@ class Daemon:
         if self.scores_file is not None:
             self.scores_file.flush()
         if commit:
-            note = self._commit_note()
             marks = {s: s.queued for s in self.sinks if isinstance(s, AlertmanagerSink | WebhookSink) and s.confirmed}
-            self._held.append((marks, {tp: OffsetAndMetadata(offset, note, -1) for tp, offset in commit.items()}))
+            self._held.append((marks, {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in commit.items()}))
             self._release_commits()
         m.batch_seconds.observe(time.monotonic() - t0)
 
@@ -600,50 +619,6 @@ class Daemon:
                 "not ready until it does",
                 silent,
             )
-
-    def _kafka_alert_sink(self) -> KafkaAlertSink | None:
-        return next((s for s in self.sinks if isinstance(s, KafkaAlertSink)), None)
-
-    def _commit_note(self) -> str:
-        """The commit metadata: from which offsets of the alerts topic the alerts sent after this
-        commit lie, so that whoever processes the uncommitted records again can skip them."""
-        sink = self._kafka_alert_sink()
-        if sink is None:
-            return ""
-        note = json.dumps({"alerts": sink.topic, "from": sink.floor}, separators=(",", ":"))
-        # Brokers refuse metadata over offset.metadata.max.bytes (4096 by default); without the
-        # note, a batch processed again re-sends its alerts (at least once).
-        return note if len(note) <= 4000 else ""
-
-    def _skip_sent_alerts(self, notes: list[str]) -> None:
-        """Read the alerts that reached the alerts topic after the commits of the assigned
-        partitions (as their commit notes say), so that processing the uncommitted records
-        again does not send them twice."""
-        sink = self._kafka_alert_sink()
-        if sink is None:
-            return
-        sink.already_sent = set()
-        floors = []
-        for note in notes:
-            try:
-                parsed = json.loads(note)
-                if parsed["alerts"] != sink.topic:
-                    continue  # another alerts topic then: nothing on this one to send twice
-                floors.append({int(p): int(o) for p, o in parsed["from"].items()})
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue  # no note (an older version's commit): at least once
-        if not floors:
-            return
-        # A partition missing from a floor did not exist for that writer: read it from the start.
-        since = {p: min(f.get(p, 0) for f in floors) for p in set().union(*floors)}
-        from kafka.errors import KafkaError
-
-        try:
-            sink.already_sent = sent_alert_ids(kafka_client_settings(self.config), sink.topic, since)
-        except (KafkaError, TimeoutError) as exc:
-            log.warning("alerts topic %s could not be read back (%s): alerts may be sent twice", sink.topic, exc)
-            return
-        log.info("alerts topic %s: %d alert(s) since the last commits", sink.topic, len(sink.already_sent))
 
     def _commit(self, offsets: dict[Any, Any]) -> bool:
         from kafka.errors import CommitFailedError, KafkaError
@@ -785,7 +760,7 @@ class Daemon:
             return False, "no config file to reload"
         try:
             new = load_config(self.config_path)
-            streams = kafka_streams(new)
+            streams = kafka_streams(new, str(self.config_path))
             if set(streams) != set(self.runtimes):
                 raise ConfigError(
                     str(self.config_path), ["streams: a reload cannot add or remove Kafka streams; restart instead"]
@@ -832,7 +807,9 @@ class Daemon:
         self._ready = False
         self.metrics.ready.set(0)
         for rt in self.runtimes.values():
-            rt.pipeline.close()
+            rt.pipeline.close(timeout_s=0.0)
+            if rt.trainer is not None:
+                rt.trainer.close(busy=True)  # a fine-tuning in progress would only be dropped
         for sink in self.sinks:
             try:
                 sink.close()
@@ -844,6 +821,7 @@ class Daemon:
         if self.scores_file is not None:
             self.scores_file.close()
             self.scores_file = None
+        self._contact = None  # a closed consumer has no broker to hear from
         if self.consumer is not None:
             self.consumer.close()
             self.consumer = None

@@ -37,8 +37,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from kafka.producer.future import RecordMetadata
-
 from detector.alerts import Alert
 from detector.config import AlertmanagerSinkConfig, Retry, WebhookSinkConfig
 from detector.errors import ConfigError
@@ -97,13 +95,7 @@ def alert_json(alert: Alert) -> bytes:
 
 class KafkaAlertSink:
     """Alert events as JSON messages on `topic`, keyed by entity (so one entity's events stay
-    in order on one partition). `emit` blocks until the broker acknowledged every message.
-
-    `floor` holds, per partition of the topic, an offset at or after which every alert this
-    sink sends from now on lands (offsets only grow): the daemon stores it with each offset
-    commit, so whoever processes the uncommitted records again can read what was sent for them
-    (`sent_alert_ids`) and put those ids in `already_sent`, which `emit` skips.
-    """
+    in order on one partition). `emit` blocks until the broker acknowledged every message."""
 
     kind = "kafka"
 
@@ -112,16 +104,9 @@ class KafkaAlertSink:
         self.topic = topic
         self.metrics = metrics
         self.timeout_s = delivery_timeout_s(producer) if timeout_s is None else timeout_s
-        self.floor: dict[int, int] = {}
-        self.already_sent: set[str] = set()
 
     def emit(self, alerts: Sequence[Alert]) -> None:
         """Raises SinkError unless the broker acknowledged every alert."""
-        if self.already_sent:
-            sent = [a for a in alerts if a.id in self.already_sent]
-            if sent:
-                log.info("alerts topic %s has %d of these alerts already; not sent again", self.topic, len(sent))
-                alerts = [a for a in alerts if a.id not in self.already_sent]
         if not alerts:
             return
         # `send` itself can raise too (no metadata within max_block_ms, a record too large).
@@ -137,9 +122,7 @@ class KafkaAlertSink:
             ]
             self.producer.flush(timeout=self.timeout_s)
             for future in futures:
-                meta = future.get(timeout=self.timeout_s)
-                if isinstance(meta, RecordMetadata):
-                    self.floor[meta.partition] = max(self.floor.get(meta.partition, 0), meta.offset + 1)
+                future.get(timeout=self.timeout_s)
         except Exception as exc:
             self.metrics.sink_failures.labels(self.kind).inc()
             raise SinkError(f"alerts topic {self.topic}: delivery failed: {exc!r}") from exc
@@ -147,40 +130,6 @@ class KafkaAlertSink:
 
     def close(self) -> None:
         self.producer.flush(timeout=self.timeout_s)
-
-
-def sent_alert_ids(settings: dict[str, Any], topic: str, since: dict[int, int], timeout_s: float = 30.0) -> set[str]:
-    """The ids of the alerts on `topic` from offset `since[p]` of each partition p to its
-    current end (a partition missing from `since`: from its beginning). `settings` are the
-    client settings of a consumer outside any group. Raises KafkaError, or TimeoutError when
-    the end is not reached within `timeout_s`."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(**settings, enable_auto_commit=False, auto_offset_reset="earliest")
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(tps)
-        ends = consumer.end_offsets(tps)
-        remaining = set()
-        for tp in tps:
-            start = since.get(tp.partition, 0)
-            if start < ends[tp]:
-                # Below the log start (retention) the reset policy moves it to the beginning.
-                consumer.seek(tp, start)
-                remaining.add(tp)
-        ids: set[str] = set()
-        deadline = time.monotonic() + timeout_s
-        while remaining:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"alerts topic {topic}: not read to its end within {timeout_s:.0f} s")
-            for tp, records in consumer.poll(timeout_ms=200).items():
-                for record in records:
-                    ids.update(v.decode() for k, v in record.headers or () if k == "detector.alert_id")
-                if tp in remaining and consumer.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
-        return ids
-    finally:
-        consumer.close()
 
 
 class DeadLetterWriter:

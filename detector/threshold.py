@@ -378,7 +378,8 @@ class EntityBaselines:
         starts = np.maximum.accumulate(np.where(first, np.arange(n), 0))
         rank = np.empty(n, np.int64)
         rank[order] = np.arange(n) - starts
-        calibrating = rank < self._calibrating[slots]
+        left = self._calibrating[slots]
+        calibrating = rank < left
         if calibrating.any() and update:
             for slot in np.unique(slots[calibrating]).tolist():
                 taken = scores[calibrating & (slots == slot)]
@@ -390,7 +391,8 @@ class EntityBaselines:
                     del self._samples[slot]
         scale = self._scale[slots]
         judged = ~calibrating
-        population = (self._seen[slots] + rank) < self.warmup_windows
+        # Calibration windows come first in an entity's batch and do not count as its own.
+        population = (self._seen[slots] + np.maximum(rank - left, 0)) < self.warmup_windows
         severity = np.zeros(n, np.int8)
         threshold = np.empty(n, np.float64)
         cold = np.ones(n, np.bool_)

@@ -495,16 +495,15 @@ class WindowStore:
         top = len(self.entity_of)
         live, last = self._live[:top], self._last_ms[:top]
         idle = np.flatnonzero(live & (last < deadline))
-        if len(idle) == 0:
-            return
-        # Each eviction comes after the row that moved the clock past the entity's deadline and
-        # after the entity's own rows in the batch, as it would with the batch cut there.
-        last_row = np.full(top, -1, np.int64)
-        np.maximum.at(last_row, slots, np.arange(len(batch)))
-        clock = np.maximum.accumulate(np.maximum(times, clock_before))
-        evicted_at = np.maximum(_passed(clock, last[idle] + idle_ms), last_row[idle]) + 1
-        for slot, row in zip(idle.tolist(), evicted_at.tolist(), strict=True):
-            self._evict(slot, int(last[slot]), row)
+        if len(idle):
+            # Each eviction comes after the row that moved the clock past the entity's deadline
+            # and after the entity's own rows in the batch, as it would with the batch cut there.
+            last_row = np.full(top, -1, np.int64)
+            np.maximum.at(last_row, slots, np.arange(len(batch)))
+            clock = np.maximum.accumulate(np.maximum(times, clock_before))
+            evicted_at = np.maximum(_passed(clock, last[idle] + idle_ms), last_row[idle]) + 1
+            for slot, row in zip(idle.tolist(), evicted_at.tolist(), strict=True):
+                self._evict(slot, int(last[slot]), row)
         remaining = last[live]  # `_evict` cleared the idle ones from `live`
         self._oldest_ms = int(remaining.min()) if len(remaining) else np.iinfo(np.int64).max
 

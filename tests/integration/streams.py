@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -315,10 +316,6 @@ class PacedProducer:
     def start(self) -> None:
         self._thread.start()
 
-    @property
-    def done(self) -> bool:
-        return self.sent == len(self.recs)
-
     def _run(self) -> None:
         from kafka import KafkaProducer
 
@@ -353,7 +350,7 @@ class PacedProducer:
         return ends
 
 
-def clean_run_alerts(checkpoint_path: Any, recs: list[dict[str, Any]]) -> list[Alert]:
+def clean_run_alerts(checkpoint_path: Path, recs: list[dict[str, Any]]) -> list[Alert]:
     """The alert events of one uninterrupted pass of `recs` through the daemon's pipeline (the
     `Pipeline` that `detector run` and `detector replay` share), in this process: the reference
     a crashed, restarted or rebalanced daemon must match. Records of one entity keep their

@@ -1,38 +1,41 @@
-"""`detector run` retraining in the background while it consumes from a real broker: the
-models it swaps in, and the scoring latency it costs (p99 within 2x of a run without)."""
+"""`detector run` retraining in the background while it consumes a live stream from a real
+broker: the models it swaps in, and the scoring latency it costs (p99 within 2x of a run
+without retraining)."""
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import Daemon, Topics, daemon_config
-from streams import committed, encode, produce, records, sample, scrape, wait_for
+from streams import committed, encode, records, sample, scrape, wait_for
 
 pytestmark = pytest.mark.integration
 
-ROWS = 1500  # of each of the 6 entities: 9000 records, about 180 batches of 50
+ROWS = 1500  # of each of the 6 entities: 9000 records, sent live at about 1000 a second
+RATE = 1000.0
 RETRAINING = {
     "enabled": True,
     "every_windows": 600,
     "min_windows": 256,
     "reservoir_size": 1024,
-    "epochs": 2,
+    "epochs": 1,
     "threads": 1,
 }
 
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-def histogram_quantile(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, q: float) -> float:
+
+def histogram_quantile(samples: Samples, name: str, q: float) -> float:
     """The q-quantile of a Prometheus histogram, interpolated in its bucket as Prometheus's
-    `histogram_quantile` does: what an operator's dashboard would show."""
+    `histogram_quantile` does: what an operator's dashboard shows."""
     buckets = sorted(
         (float(dict(labels)["le"]), value) for (metric, labels), value in samples.items() if metric == name + "_bucket"
     )
-    total = buckets[-1][1]
-    rank = q * total
+    rank = q * buckets[-1][1]
     lower_bound, lower_count = 0.0, 0.0
     for bound, count in buckets:
         if count >= rank:
@@ -43,52 +46,69 @@ def histogram_quantile(samples: dict[tuple[str, frozenset[tuple[str, str]]], flo
     return buckets[-1][0]
 
 
-def drain(
-    kafka: str,
-    topics: Topics,
-    ends: dict[int, int],
-    group: str,
-    config: dict[str, Any],
-    start: Callable[..., Daemon],
-    name: str,
-) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Run a daemon with `config` in consumer group `group` until it committed `ends`; its metrics."""
-    config["kafka"]["group_id"] = group
-    daemon = start(config, name)
-    daemon.wait_ready()
-    wait_for(lambda: committed(kafka, group, topics.metrics) == ends, 120, f"the {name} daemon to drain")
-    metrics = scrape(daemon.url + "/metrics")
-    assert daemon.stop() == 0, daemon.log()
-    return metrics
+def produce_live(bootstrap: str, topic: str, messages: list[tuple[str, bytes]], rate: float) -> dict[int, int]:
+    """Send messages at about `rate` a second, as a live stream would; each partition's end offset."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    try:
+        futures = []
+        started = time.monotonic()
+        for i, (key, value) in enumerate(messages):
+            futures.append(producer.send(topic, key=key.encode(), value=value))
+            if i % 60 == 59:
+                time.sleep(max(0.0, started + (i + 1) / rate - time.monotonic()))
+        producer.flush()
+        ends: dict[int, int] = {}
+        for future in futures:
+            meta = future.get(timeout=30)
+            ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
+        return ends
+    finally:
+        producer.close()
 
 
 def test_background_retraining_keeps_scoring_latency_within_twice_a_run_without(
     kafka: str, checkpoint: Path, tmp_path: Path, topics: Topics, start_daemon: Callable[..., Daemon]
 ) -> None:
-    ends = produce(kafka, topics.metrics, encode(records(ROWS, seed=6)))
-    base = daemon_config(kafka, topics, checkpoint, tmp_path, scoring={"batch_records": 50, "batch_wait_ms": 50})
-    base["sinks"] = {"log": False, "kafka": {"topic": topics.alerts}}
-    plain = drain(kafka, topics, ends, topics.group + "-plain", base, start_daemon, "plain")
-
-    retraining = daemon_config(kafka, topics, checkpoint, tmp_path, scoring={"batch_records": 50, "batch_wait_ms": 50})
-    retraining["sinks"] = base["sinks"]
-    retraining["streams"]["hosts"]["retraining"] = RETRAINING
-    retrained = drain(kafka, topics, ends, topics.group + "-retrain", retraining, start_daemon, "retraining")
+    # Two daemons on the same live stream at the same time, one retraining: the other agents
+    # sharing this machine's cores load both alike, which sequential runs could not promise.
+    daemons = {}
+    for name, retraining in (("plain", None), ("retraining", RETRAINING)):
+        config = daemon_config(kafka, topics, checkpoint, tmp_path, scoring={"batch_records": 100, "batch_wait_ms": 50})
+        config["kafka"]["group_id"] = f"{topics.group}-{name}"
+        config["sinks"] = {"log": False, "kafka": {"topic": topics.alerts}}
+        if retraining is not None:
+            config["streams"]["hosts"]["retraining"] = retraining
+        daemons[name] = start_daemon(config, name)
+    for daemon in daemons.values():
+        daemon.wait_ready()
+    ends = produce_live(kafka, topics.metrics, encode(records(ROWS, seed=6)), RATE)
+    metrics: dict[str, Samples] = {}
+    for name, daemon in daemons.items():
+        group = f"{topics.group}-{name}"
+        wait_for(lambda g=group: committed(kafka, g, topics.metrics) == ends, 60, f"the {name} daemon to drain")
+        metrics[name] = scrape(daemon.url + "/metrics")
+    for daemon in daemons.values():
+        assert daemon.stop() == 0, daemon.log()
+        assert "Traceback" not in daemon.log(), daemon.log()
+    plain, retrained = metrics["plain"], metrics["retraining"]
 
     name = "detector_scoring_duration_seconds"
     p99_plain = histogram_quantile(plain, name, 0.99)
     p99_retrain = histogram_quantile(retrained, name, 0.99)
-    batches = sample(retrained, name + "_count", stream="hosts")
     runs = sum(sample(retrained, "detector_retrain_total", stream="hosts", outcome=o) for o in ("accepted", "rejected"))
     print(
-        f"\nscoring p99 over {batches:.0f} batches of <= 50 records: {p99_plain * 1000:.2f} ms without retraining, "
-        f"{p99_retrain * 1000:.2f} ms while retraining in the background ({runs:.0f} retrainings, "
+        f"\nscoring p99 (histogram_quantile of {name}): {p99_plain * 1000:.2f} ms over "
+        f"{sample(plain, name + '_count', stream='hosts'):.0f} batches without retraining, "
+        f"{p99_retrain * 1000:.2f} ms over {sample(retrained, name + '_count', stream='hosts'):.0f} batches "
+        f"while retraining in the background ({runs:.0f} retrainings, "
         f"{sample(retrained, 'detector_retrain_seconds_sum', stream='hosts'):.1f} s of fine-tuning)"
     )
-    # The daemon went on consuming while the worker trained: a second retraining starts only at
-    # a batch boundary after the first finished, so at least the first overlapped scoring.
-    assert runs >= 2
+    # The daemon went on consuming while it fine-tuned: a retraining starts at a batch boundary
+    # and its model is swapped in at a later one, so each swap means scoring went on meanwhile.
+    assert runs >= 1
     assert sample(retrained, "detector_retrain_total", stream="hosts", outcome="failed") == 0
     assert sample(retrained, "detector_model_swaps_total", stream="hosts") >= 1
-    assert sample(plain, "detector_retrain_total", stream="hosts", outcome="accepted") == 0
+    assert sample(plain, "detector_retrain_seconds_count", stream="hosts") == 0
     assert p99_retrain <= 2 * p99_plain

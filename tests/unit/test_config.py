@@ -784,3 +784,52 @@ def test_score_last_steps_changes_the_layout_only_when_set() -> None:
     data = base()
     data["streams"]["web"]["model"] = {"score_last_steps": 1}
     assert parse_config(yaml.safe_dump(data))[0].streams["web"].layout_hash() != before
+
+
+def test_a_bearer_token_variable_that_is_not_set_names_its_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_SUCH_ALERT_TOKEN", raising=False)
+    data = base()
+    data["sinks"] = {
+        "webhooks": [{"url": "http://hook"}, {"url": "http://hook", "bearer_token_env": "NO_SUCH_ALERT_TOKEN"}],
+        "alertmanager": [{"url": "http://am", "bearer_token_env": "NO_SUCH_ALERT_TOKEN"}],
+    }
+    problems = problems_of(data)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("sinks.alertmanager[0].bearer_token_env: ")
+    assert problems[1].startswith("sinks.webhooks[1].bearer_token_env: ")
+    assert all("environment variable NO_SUCH_ALERT_TOKEN is not set" in p for p in problems)
+
+
+def test_a_bearer_token_is_a_variable_name_not_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALERT_TOKEN", "s3cr3t")
+    data = base()
+    data["sinks"] = {"webhooks": [{"url": "http://hook", "bearer_token_env": "Bearer s3cr3t"}]}
+    assert only_problem(data).startswith("sinks.webhooks[0].bearer_token_env: String should match pattern")
+    data["sinks"] = {
+        "webhooks": [{"url": "http://hook", "bearer_token_env": "ALERT_TOKEN", "headers": {"authorization": "x"}}]
+    }
+    assert "either `bearer_token_env` or an Authorization header" in only_problem(data)
+    data["sinks"] = {"webhooks": [{"url": "http://hook", "bearer_token_env": "ALERT_TOKEN"}]}
+    config, _ = parse_config(yaml.safe_dump(data))
+    assert config.sinks.webhooks[0].bearer_token_env == "ALERT_TOKEN"
+    assert "s3cr3t" not in masked_dump(config, set())
+
+
+def test_check_config_never_shows_a_bearer_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from detector.cli import EXIT_OK, EXIT_USAGE, main
+
+    data = base()
+    data["sinks"] = {"alertmanager": [{"url": "http://am", "bearer_token_env": "ALERT_TOKEN"}]}
+    path = tmp_path / "sinks.yaml"
+    path.write_text(yaml.safe_dump(data))
+    monkeypatch.delenv("ALERT_TOKEN", raising=False)
+    assert main(["check-config", str(path)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "sinks.alertmanager[0].bearer_token_env" in err and "ALERT_TOKEN is not set" in err
+    monkeypatch.setenv("ALERT_TOKEN", "s3cr3t-t0ken")
+    assert main(["check-config", "--show", str(path)]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "s3cr3t" not in captured.out + captured.err
+    assert yaml.safe_load(captured.out)["sinks"]["alertmanager"][0]["bearer_token_env"] == "ALERT_TOKEN"

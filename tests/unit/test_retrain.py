@@ -22,7 +22,7 @@ from detector.config import AlertmanagerSinkConfig, Stream
 from detector.metrics import Metrics
 from detector.model import Checkpoint, ErrorStats
 from detector.pipeline import Pipeline
-from detector.retrain import Reservoir, Retrainer
+from detector.retrain import Reservoir, Retrainer, TrainingProcess
 from detector.sinks import AlertmanagerSink
 from detector.source import SampleBatch
 from detector.store import CheckpointStore
@@ -162,6 +162,26 @@ def test_reservoir_is_bounded_and_favours_recent_windows() -> None:
     assert np.all(np.diff(end_ms) > 0)  # oldest first: the validation split takes the latest
 
 
+def test_retraining_is_due_by_window_count_or_by_event_time() -> None:
+    by_time = Retrainer("hosts", stream(retraining={**RETRAINING, "every_windows": None, "interval_s": 60}), 2)
+    by_count = Retrainer("hosts", stream(retraining={**RETRAINING, "every_windows": 400}), 2)
+    windows = np.zeros((100, 16, 2), np.float32)
+    normal = np.zeros(100, bool)
+    for second in range(0, 300, 100):  # 300 windows over 30 s of event time
+        ms = (np.arange(100) + second) * 100
+        by_time.observe(np.arange(100) % 3, windows, normal, ms)
+        by_count.observe(np.arange(100) % 3, windows, normal, ms)
+    assert not by_time.due() and not by_count.due()  # 29.9 s, 300 windows: neither yet
+    by_time.observe(np.zeros(1, np.int64), windows[:1], normal[:1], np.array([60_000]))
+    assert by_time.due()
+    by_count.observe(np.arange(100) % 3, windows, normal, (np.arange(100) + 300) * 100)
+    assert by_count.due()
+    # Too few windows in the reservoir: not yet, however long ago the last one was.
+    few = Retrainer("hosts", stream(retraining={**RETRAINING, "min_windows": 500}), 2)
+    few.observe(np.arange(100) % 3, windows, normal, np.arange(100) * 10_000)
+    assert not few.due()
+
+
 # --- accepting and rejecting candidates ------------------------------------------------------
 
 
@@ -171,8 +191,8 @@ def test_a_worse_candidate_is_rejected_counted_and_not_stored(checkpoint: Checkp
     store.promote(checkpoint.version, "initial")
     registry = CollectorRegistry()
     # A learning rate this large throws the weights far off: the copy must lose to the model.
-    s = stream(retraining={**RETRAINING, "learning_rate": 5.0, "every_windows": 200}, model_store=str(store.root))
-    pipeline = Pipeline("hosts", s, checkpoint, metrics=Metrics(registry))
+    s = stream(retraining={**RETRAINING, "learning_rate": 5.0, "every_windows": 200})
+    pipeline = Pipeline("hosts", s, checkpoint, metrics=Metrics(registry), model_store=store)
     events, _ = run(pipeline, samples(0, 300, seed=2))
     assert pipeline.retrainer is not None
     results = pipeline.retrainer.results
@@ -193,8 +213,8 @@ def test_an_accepted_candidate_is_stored_promoted_and_swapped_in(checkpoint: Che
     store = CheckpointStore(tmp_path / "models")
     store.add(checkpoint, parent=None, source="train", trained_on={}, validation_error=None)
     store.promote(checkpoint.version, "initial")
-    s = stream(retraining={**RETRAINING, "every_windows": 200}, model_store=str(store.root))
-    pipeline = Pipeline("hosts", s, checkpoint)
+    s = stream(retraining={**RETRAINING, "every_windows": 200})
+    pipeline = Pipeline("hosts", s, checkpoint, model_store=store)
     run(pipeline, samples(0, 300, seed=2))
     assert pipeline.retrainer is not None
     results = pipeline.retrainer.results
@@ -314,6 +334,20 @@ def test_cold_start_uses_population_thresholds_and_flags_the_alerts(checkpoint: 
     assert [a.to_dict()["cold_start"] for a in firing] == [True, False]
 
 
+def test_cold_start_results_do_not_depend_on_the_batch_cut(checkpoint: Checkpoint) -> None:
+    rule = {"rule": "dynamic", "method": "ewma", "k": 3, "warmup": 10, "alpha": 0.1}
+    s = stream(thresholds={"warning": rule}, cold_start={"warmup_windows": 30})
+    data = samples(0, 120, seed=8)
+    data.values[75:84, 1] += 5.0  # a spike of every entity while cold
+    whole = Pipeline("hosts", s, checkpoint).process(data)
+    cut = Pipeline("hosts", s, checkpoint)
+    parts = [cut.process(data.take(np.arange(i, min(i + 37, len(data))))) for i in range(0, len(data), 37)]
+    np.testing.assert_array_equal(np.concatenate([p.threshold for p in parts]), whole.threshold)
+    np.testing.assert_array_equal(np.concatenate([p.severity for p in parts]), whole.severity)
+    assert [a.id for p in parts for a in p.alerts] == [a.id for a in whole.alerts]
+    assert any(a.cold_start for a in whole.alerts)
+
+
 def test_sinks_see_a_regime_change_as_the_end_of_the_incident() -> None:
     posts: list[Any] = []
 
@@ -357,6 +391,13 @@ def test_sinks_see_a_regime_change_as_the_end_of_the_incident() -> None:
 
 
 @pytest.fixture
+def trainer() -> Iterator[TrainingProcess]:
+    process = TrainingProcess("test-retrain")
+    yield process
+    process.close()
+
+
+@pytest.fixture
 def slow_retraining(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     """Holds every background retraining until the test releases it."""
     release = threading.Event()
@@ -374,10 +415,10 @@ def slow_retraining(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event
 
 
 def test_background_retraining_never_blocks_scoring_and_swaps_at_a_batch_boundary(
-    checkpoint: Checkpoint, slow_retraining: threading.Event
+    checkpoint: Checkpoint, slow_retraining: threading.Event, trainer: TrainingProcess
 ) -> None:
     s = stream(retraining={**RETRAINING, "every_windows": 200})
-    pipeline = Pipeline("hosts", s, checkpoint, background_retraining=True)
+    pipeline = Pipeline("hosts", s, checkpoint, trainer=trainer)
     retrainer = pipeline.retrainer
     assert isinstance(retrainer, Retrainer)
     data = samples(0, 600, seed=7)
@@ -394,8 +435,15 @@ def test_background_retraining_never_blocks_scoring_and_swaps_at_a_batch_boundar
     for batch in batches[8:]:
         if pipeline.checkpoint is not checkpoint:
             break
-        time.sleep(0.2)  # the worker's turn
+        time.sleep(0.5)  # the training process's turn (it starts, importing torch, on first use)
         pipeline.process(batch)
     assert pipeline.checkpoint is not checkpoint
-    assert retrainer.results[0].outcome == "accepted"
+    first = retrainer.results[0]
+    assert first.outcome == "accepted"
+    # The training process fits exactly what fine-tuning in line fits (same seed, same windows).
+    inline = Pipeline("hosts", s, checkpoint)
+    for batch in batches[:6]:
+        inline.process(batch)
+    assert inline.retrainer is not None
+    assert inline.retrainer.results[0].candidate_error == first.candidate_error
     pipeline.close()

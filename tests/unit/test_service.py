@@ -370,3 +370,45 @@ def test_broker_contact_reads_what_kafka_python_has() -> None:
         assert BrokerContact(consumer, 3.0).reachable()
     finally:
         consumer.close(timeout_ms=0)
+
+
+def test_commits_wait_for_confirmed_sinks_and_a_failed_commit_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kafka.errors import KafkaConnectionError
+    from kafka.structs import OffsetAndMetadata, TopicPartition
+
+    import detector.service
+
+    daemon = build_daemon(tmp_path)
+    consumer = FakeConsumer([], daemon)
+    daemon.consumer = consumer
+    daemon._contact = BrokerContact(consumer, 3.0)
+
+    class ConfirmedSink:
+        acknowledged = 0  # deliveries the receiver answered
+
+    sink = ConfirmedSink()
+    tp = TopicPartition("metrics", 0)
+    for mark, offset in ((1, 5), (1, 9), (2, 12)):  # the batches' marks: the sink's `queued` after each
+        daemon._held.append(({sink: mark}, {tp: OffsetAndMetadata(offset, "", -1)}))  # type: ignore[dict-item]
+    daemon._release_commits()
+    assert consumer.commits == []
+    sink.acknowledged = 1
+    daemon._release_commits()
+    assert consumer.commits == [{("metrics", 0): 9}]  # both batches behind the first delivery, at once
+
+    # The broker is away: the commit fails, is kept, and is tried again a second later.
+    monkeypatch.setattr(detector.service, "_COMMIT_RETRY_S", 0.2)
+    committed = consumer.commits
+    consumer.commit = lambda offsets: (_ for _ in ()).throw(KafkaConnectionError("refused"))  # type: ignore[method-assign]
+    sink.acknowledged = 2
+    daemon._release_commits()
+    assert len(daemon._held) == 1
+    consumer.commit = FakeConsumer.commit.__get__(consumer)  # type: ignore[method-assign]
+    daemon._release_commits()
+    assert committed == [{("metrics", 0): 9}]  # not before the retry delay
+    time.sleep(0.25)
+    daemon._release_commits()
+    assert committed == [{("metrics", 0): 9}, {("metrics", 0): 12}]
+    assert not daemon._held

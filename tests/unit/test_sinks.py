@@ -4,6 +4,7 @@ retries with backoff, the bounded queue, re-sending active alerts, and shutdown.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,14 @@ from prometheus_client import CollectorRegistry
 from detector.alerts import Alert
 from detector.config import AlertmanagerSinkConfig, WebhookSinkConfig
 from detector.metrics import Metrics
-from detector.sinks import AlertmanagerSink, DeadLetterWriter, KafkaAlertSink, SinkError, WebhookSink
+from detector.sinks import (
+    AlertmanagerSink,
+    DeadLetterWriter,
+    KafkaAlertSink,
+    SinkError,
+    WebhookSink,
+    retry_span_s,
+)
 from detector.source import Rejection
 
 FAST_RETRY = {"initial_backoff_s": 0.01, "max_backoff_s": 0.02, "max_attempts": 4, "timeout_s": 2}
@@ -29,6 +37,7 @@ class Receiver:
 
     def __init__(self, statuses: list[int] | None = None, delay_s: float = 0.0) -> None:
         self.posts: list[tuple[str, Any]] = []
+        self.headers: list[dict[str, str]] = []  # of every POST, answered 200 or not
         self.statuses = list(statuses or [])
         self.delay_s = delay_s
         self.lock = threading.Lock()
@@ -39,6 +48,7 @@ class Receiver:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 time.sleep(receiver.delay_s)
                 with receiver.lock:
+                    receiver.headers.append(dict(self.headers))
                     status = receiver.statuses.pop(0) if receiver.statuses else 200
                     if status == 200:
                         receiver.posts.append((self.path, body))
@@ -354,3 +364,79 @@ def test_dead_letters_keep_the_record_and_add_headers(metrics: Metrics) -> None:
         "detector.source.offset": b"41",
     }
     assert value(metrics, "detector_dead_letters_total", stream="hosts", reason="invalid_json") == 1
+
+
+def test_a_bearer_token_comes_from_the_environment_and_stays_out_of_the_logs(
+    metrics: Metrics, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("ALERT_TOKEN", "s3cr3t-t0ken")
+    r = Receiver(statuses=[503, 401])  # a retry, then a refusal: both are logged
+    hook = WebhookSink(WebhookSinkConfig(url=r.url, bearer_token_env="ALERT_TOKEN", retry=FAST_RETRY), metrics)  # type: ignore[arg-type]
+    am = AlertmanagerSink(AlertmanagerSinkConfig(url=r.url, bearer_token_env="ALERT_TOKEN", retry=FAST_RETRY), metrics)  # type: ignore[arg-type]
+    with caplog.at_level(logging.DEBUG):
+        hook.emit([alert("a")])
+        hook.close()
+        am.emit([alert("b")])
+        assert r.wait(1)[0][0] == "/api/v2/alerts"
+        am.close()
+    assert [h["Authorization"] for h in r.headers] == ["Bearer s3cr3t-t0ken"] * 3
+    assert "giving up" in caplog.text
+    assert "s3cr3t" not in caplog.text
+
+
+def test_default_retries_outlast_a_two_minute_outage() -> None:
+    from detector.config import Retry
+
+    assert 120 < retry_span_s(Retry()) < 300
+    assert retry_span_s(Retry(max_attempts=None)) == float("inf")
+    assert retry_span_s(Retry(initial_backoff_s=1, max_backoff_s=2, max_attempts=4)) == 1 + 2 + 2
+
+
+def test_a_queued_delivery_gives_up_where_a_confirmed_one_keeps_trying(metrics: Metrics) -> None:
+    retry = {**FAST_RETRY, "max_attempts": 2}
+    r = Receiver(statuses=[503, 503, 503, 503, 503])
+    queued = WebhookSink(WebhookSinkConfig(url=r.url + "/q", retry=retry), metrics)  # type: ignore[arg-type]
+    queued.emit([alert("a")])
+    queued.close()
+    assert value(metrics, "detector_sink_dropped_total", sink="webhook", cause="not_delivered") == 1
+    assert (queued.queued, queued.acknowledged) == (1, 0)
+    confirmed = WebhookSink(WebhookSinkConfig(url=r.url + "/c", retry=retry, delivery="confirmed"), metrics)  # type: ignore[arg-type]
+    confirmed.emit([alert("b")])
+    assert confirmed.queued == 1
+    assert r.wait(1)[0][0] == "/c"  # after the three 503s left
+    confirmed.close()
+    assert confirmed.acknowledged == 1
+    assert value(metrics, "detector_sink_dropped_total", sink="webhook", cause="not_delivered") == 1
+
+
+def test_a_confirmed_delivery_waits_for_room_instead_of_dropping(metrics: Metrics) -> None:
+    r = Receiver(delay_s=0.3)  # the first POST occupies the delivery thread
+    cfg = WebhookSinkConfig(url=r.url, queue_size=1, retry=FAST_RETRY, delivery="confirmed")  # type: ignore[arg-type]
+    sink = WebhookSink(cfg, metrics)
+    started = time.monotonic()
+    for i in range(4):
+        sink.emit([alert(f"e{i}")])
+    assert time.monotonic() - started >= 0.5  # emit waited for the receiver
+    sink.close()
+    assert [body[0]["entity"] for _, body in r.posts] == ["e0", "e1", "e2", "e3"]
+    assert value(metrics, "detector_sink_dropped_total", sink="webhook", cause="queue_full") == 0
+    assert (sink.queued, sink.acknowledged) == (4, 4)
+
+
+def test_a_confirmed_delivery_counts_a_refusal_as_an_answer(metrics: Metrics) -> None:
+    # A 400 will not change with retries: dropped and counted, so commits move on.
+    r = Receiver(statuses=[400])
+    sink = WebhookSink(WebhookSinkConfig(url=r.url, retry=FAST_RETRY, delivery="confirmed"), metrics)  # type: ignore[arg-type]
+    sink.emit([alert("a")])
+    sink.emit([alert("b")])
+    r.wait(1)
+    sink.close()
+    assert sink.acknowledged == 2
+    assert value(metrics, "detector_sink_dropped_total", sink="webhook", cause="not_delivered") == 1
+
+
+def test_kafka_sinks_wait_as_long_as_the_producer_retries(metrics: Metrics) -> None:
+    producer = SimpleNamespace(config={"delivery_timeout_ms": 60_000})
+    assert KafkaAlertSink(producer, "alerts", metrics).timeout_s == 65.0
+    assert DeadLetterWriter(producer, "dead", metrics).timeout_s == 65.0
+    assert KafkaAlertSink(producer, "alerts", metrics, timeout_s=1.0).timeout_s == 1.0
