@@ -174,6 +174,16 @@ class Normalization(_Model):
     min_scale: float = Field(
         1e-6, gt=0, description="floor on the fitted scale, so a constant training series does not divide by zero"
     )
+    relative_min_scale: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="floor on the fitted scale as a fraction of the feature's training magnitude (its range "
+        "max - min, or its |center| when larger). A feature that is flat in training but for rare spikes "
+        "(IQR 0) gets a scale near 0, so any later movement scores orders of magnitude above every other "
+        "feature and dominates the window's error; this floor keeps it comparable. A feature that is exactly "
+        "0 in training still falls to `min_scale`. `0`: off",
+    )
 
 
 class ModelSpec(_Model):
@@ -516,13 +526,17 @@ class Stream(_Model):
         Thresholds and alert policy are left out: changing them needs no retraining.
         """
         model = self.model.model_dump()
+        normalization = self.normalization.model_dump()
+        if normalization["relative_min_scale"] == 0:
+            # Added later: leaving it out when unset keeps the hashes of earlier checkpoints valid.
+            del normalization["relative_min_scale"]
         if model["score_last_steps"] is None:
             # Added later: leaving it out when unset keeps the hashes of earlier checkpoints valid.
             del model["score_last_steps"]
         parts = {
             "features": self.mapping.feature_names,
             "window": self.window.model_dump(exclude={"idle_evict_after_s"}),  # the model does not depend on it
-            "normalization": self.normalization.model_dump(),
+            "normalization": normalization,
             "model": model,
         }
         blob = json.dumps(parts, sort_keys=True).encode()

@@ -106,6 +106,13 @@ def _fit_params(values: np.ndarray, spec: Normalization) -> tuple[np.ndarray, np
         scale = np.where(scale > spec.min_scale, scale, data.std(axis=0))
     else:
         center, scale = data.mean(axis=0), data.std(axis=0)
+    if spec.relative_min_scale > 0:
+        # A feature that is flat in training but for rare spikes (IQR 0, tiny std) would turn any
+        # ordinary later movement into hundreds of scales and swamp every other feature's error:
+        # floor its scale at a fraction of what training showed it can span (its range, or its
+        # level when that is larger, so a constant non-zero series is measured in relative change).
+        magnitude = np.maximum(data.max(axis=0) - data.min(axis=0), np.abs(center))
+        scale = np.maximum(scale, spec.relative_min_scale * magnitude)
     scale = np.maximum(scale, spec.min_scale)
     return center.astype(np.float32), scale.astype(np.float32)
 

@@ -290,7 +290,9 @@ class PacedProducer:
     records where each one landed. A record is encoded when it is sent: holding `lock`, a test
     may change the records from `sent` on (inject an anomaly a moment ahead). With
     `partitions`, an entity's records go to partition ENTITIES.index(entity) % partitions
-    instead of the key hash, so the test knows which entities share a partition."""
+    instead of the key hash, so the test knows which entities share a partition. `hold_at`
+    (a record index) pauses the stream there until `release()`, so a test's disruptions all
+    fall before the stream ends however slow the machine."""
 
     def __init__(
         self,
@@ -300,10 +302,14 @@ class PacedProducer:
         per_tick: int,
         interval_s: float,
         partitions: int | None = None,
+        hold_at: int | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.recs = recs
+        self.hold_at = hold_at
+        self.held = False  # whether the stream had to wait at `hold_at`
+        self._released = threading.Event()
         self.per_tick = per_tick
         self.interval_s = interval_s
         self.partitions = partitions
@@ -316,6 +322,9 @@ class PacedProducer:
     def start(self) -> None:
         self._thread.start()
 
+    def release(self) -> None:
+        self._released.set()
+
     def _run(self) -> None:
         from kafka import KafkaProducer
 
@@ -324,6 +333,10 @@ class PacedProducer:
             futures = []
             tick = time.monotonic()
             for i in range(0, len(self.recs), self.per_tick):
+                if i == self.hold_at and not self._released.is_set():
+                    self.held = True
+                    self._released.wait()
+                    tick = time.monotonic()
                 with self.lock:
                     for key, value in encode(self.recs[i : i + self.per_tick]):
                         partition = ENTITIES.index(key) % self.partitions if self.partitions else None

@@ -125,7 +125,9 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
     assert len([a for a in expected if a.status == "firing"]) == sum(len(b) for b in BURSTS.values())
 
     config = daemon_config(kafka, topics, checkpoint, tmp_path, scoring={"batch_records": 60, "batch_wait_ms": 50})
-    producer = PacedProducer(kafka, topics.metrics, recs, len(ENTITIES), 1 / ROWS_PER_S, partitions=3)
+    # The last rows wait for the last restart: every kill comes while records are still coming.
+    hold_at = (ROWS - 10) * len(ENTITIES)
+    producer = PacedProducer(kafka, topics.metrics, recs, len(ENTITIES), 1 / ROWS_PER_S, partitions=3, hold_at=hold_at)
     daemon = start_daemon(config, "run-0")
     daemon.wait_ready()
     producer.start()
@@ -149,8 +151,8 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
         daemon.wait_ready()
 
     watch.consumer.close()
+    producer.release()
     ends = producer.join(120)
-    assert all(sum(at.values()) < sum(ends.values()) for _, at in kills), "a kill came after the stream was done"
     wait_for(lambda: committed(kafka, topics.group, topics.metrics) == ends, 90, "the last daemon to drain")
     assert daemon.stop() == 0, daemon.log()
 
@@ -193,4 +195,5 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
     mid_delivery = sum(any(min(copies[i]) <= k[0] and uncommitted_at(k, i) for i in copies) for k in kills)
     assert mid_delivery >= 1, "no kill fell between a delivery and its commit: the aim missed"
     n = len(producer.positions)
-    print(f"{n} records, {KILLS} kills ({mid_delivery} mid-delivery), {len(copies)} alerts, {resent} re-sent")
+    held = "; the stream waited for the last kill" if producer.held else ""
+    print(f"{n} records, {KILLS} kills ({mid_delivery} mid-delivery), {len(copies)} alerts, {resent} re-sent{held}")

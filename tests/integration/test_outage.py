@@ -187,6 +187,7 @@ def test_a_broker_outage_under_load(
     assert sorted(a["entity"] for a in alerts if a["status"] == "firing") == sorted(ANOMALOUS)
 
 
+@pytest.mark.slow
 def test_a_daemon_started_before_its_broker_waits_then_joins(
     proxied: ProxiedBroker, proxy: TcpProxy, checkpoint: Path, tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:

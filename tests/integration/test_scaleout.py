@@ -91,7 +91,9 @@ def test_members_leave_and_join_under_load_without_loss_duplicates_or_blind_spot
 ) -> None:
     topics = Topics(kafka, partitions=PARTITIONS)
     recs = records(ROWS, seed=8, anomalies=False)
-    producer = PacedProducer(kafka, topics.metrics, recs, len(ENTITIES), 1 / ROWS_PER_S, partitions=PARTITIONS)
+    # The last rows wait until c is back: both moves happen while records are still coming.
+    hold_at = (ROWS - 60) * len(ENTITIES)
+    producer = PacedProducer(kafka, topics.metrics, recs, len(ENTITIES), 1 / ROWS_PER_S, PARTITIONS, hold_at)
 
     def config(name: str) -> dict[str, Any]:
         out = daemon_config(
@@ -136,6 +138,7 @@ def test_members_leave_and_join_under_load_without_loss_duplicates_or_blind_spot
     members["c"].wait_ready(90)
     group.settle("abc")
     group.close()
+    producer.release()
 
     ends = producer.join(120)
     wait_for(lambda: committed(kafka, topics.group, topics.metrics) == ends, 90, "the group to drain")
