@@ -47,8 +47,37 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class RepeatFilter(logging.Filter):
+    """Lets one of each kafka-python message template through per `interval_s`.
+
+    During a broker outage kafka-python logs the same connection error for every retry (about
+    ten a second); the daemon says once that the broker is lost, so the repeats are noise that
+    buries everything else. The next one through says how many were held back.
+    """
+
+    def __init__(self, prefix: str = "kafka", interval_s: float = 30.0) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.interval_s = interval_s
+        self._last: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix) or record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        last, held = self._last.get(key, (-self.interval_s, 0))
+        if record.created - last < self.interval_s:
+            self._last[key] = (last, held + 1)
+            return False
+        self._last[key] = (record.created, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} more like it in the last {self.interval_s:.0f} s)"
+        return True
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RepeatFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -465,3 +465,24 @@ def test_replay_json_logs(trained: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert all(e["level"] == "warning" for e in entries)
     assert any("rejected (wrong_type)" in e["msg"] for e in entries)
     assert all(e["ts"].endswith("Z") for e in entries)
+
+
+def test_kafka_error_repeats_are_held_back_and_counted() -> None:
+    from detector.cli import RepeatFilter
+
+    repeat = RepeatFilter(interval_s=30)
+
+    def record(name: str, msg: str, created: float, level: int = logging.ERROR) -> logging.LogRecord:
+        r = logging.LogRecord(name, level, __file__, 1, msg, ("x",), None)
+        r.created = created
+        return r
+
+    conn = "kafka.conn"
+    assert repeat.filter(record(conn, "connect to %s failed", 0.0))
+    assert not any(repeat.filter(record(conn, "connect to %s failed", t)) for t in (0.1, 5.0, 29.0))
+    assert repeat.filter(record(conn, "another error %s", 1.0))  # another message passes
+    assert repeat.filter(record("detector.service", "lost the broker %s", 1.0))  # ours always pass
+    assert repeat.filter(record(conn, "connecting %s", 2.0, logging.INFO))  # below warning: not ours to hold
+    later = record(conn, "connect to %s failed", 31.0)
+    assert repeat.filter(later)
+    assert later.getMessage() == "connect to x failed (3 more like it in the last 30 s)"

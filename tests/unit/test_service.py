@@ -412,3 +412,37 @@ def test_commits_wait_for_confirmed_sinks_and_a_failed_commit_is_retried(
     daemon._release_commits()
     assert committed == [{("metrics", 0): 9}, {("metrics", 0): 12}]
     assert not daemon._held
+
+
+def test_a_loop_blocked_on_a_sink_stays_healthy_a_stalled_loop_does_not(tmp_path: Path) -> None:
+    # Liveness: restarting a daemon that waits for a down receiver would not bring the receiver
+    # back, so a wait inside a sink's emit is alive; a loop that stopped turning is not.
+    daemon = build_daemon(tmp_path, scoring={"batch_records": 1, "batch_wait_ms": 1})
+    assert daemon.config_path is not None
+    config = yaml.safe_load(daemon.config_path.read_text())
+    config["streams"]["web"]["thresholds"] = {"warning": {"rule": "static", "value": 0.0}}
+    config["streams"]["web"]["alerts"] = {"n": 1, "m": 1}
+    write(daemon.config_path, config)
+    assert daemon.reload()[0]
+    seen: list[bool] = []
+
+    class StalledSink:
+        kind = "webhook"
+
+        def emit(self, alerts: list[Any]) -> None:
+            if alerts:
+                daemon._last_loop -= 3600  # as if this emit had been waiting for an hour
+                seen.append(daemon.is_healthy())
+
+        def close(self) -> None:
+            pass
+
+    def record(offset: int) -> SimpleNamespace:
+        value = json.dumps({"host": "h", "timestamp": 60 * offset, "cpu": 0.5}).encode()
+        return SimpleNamespace(topic="metrics", partition=0, offset=offset, key=b"h", value=value, timestamp=0)
+
+    daemon.consumer = FakeConsumer([[record(i)] for i in range(5)], daemon)
+    daemon.sinks = [StalledSink()]
+    daemon.process([record(i) for i in range(5)])
+    assert seen == [True]
+    assert not daemon.is_healthy()  # the emit returned, and the loop has not turned for an hour
