@@ -247,6 +247,7 @@ class Daemon:
         self._live_from: dict[Any, int] = {}
         self._ready = False
         self._last_loop = time.monotonic()
+        self._waiting_on: str | None = None  # a dependency the loop is blocked on, for is_healthy
         self._last_lag = 0.0
         self._last_drift = 0.0
         self._contact: BrokerContact | None = None
@@ -377,6 +378,12 @@ class Daemon:
     # --- health and reload (called from the HTTP thread) -------------------------------------
 
     def is_healthy(self) -> bool:
+        """False when the main loop stalled. A loop blocked handing alerts to a sink is alive:
+        that wait is bounded by the sink's own timeout (or, for `delivery: confirmed`, lasts as
+        long as the receiver is down by design), and a liveness restart would not bring the
+        receiver back; it would only refill windows in a loop."""
+        if self._waiting_on is not None:
+            return True
         limit = max(60.0, 3 * self.config.kafka.session_timeout_ms / 1000)
         return time.monotonic() - self._last_loop < limit
 
@@ -568,8 +575,12 @@ class Daemon:
                         alert_times[(name, entity, int(ts))] = records[int(pos)].timestamp
             alerts.extend(result.alerts)
 
-        for sink in self.sinks:
-            sink.emit(alerts)
+        self._waiting_on = "alert sinks"
+        try:
+            for sink in self.sinks:
+                sink.emit(alerts)
+        finally:
+            self._waiting_on = None
         now_ms = time.time() * 1000
         for alert in alerts:
             kafka_ms = alert_times.get((alert.stream, alert.entity, alert.window_end_ms))
