@@ -90,6 +90,8 @@ class Summary:
     anomalous_windows: int = 0
     firing: int = 0
     resolved: int = 0
+    regime_changes: int = 0
+    retrainings: Counter[str] = field(default_factory=Counter)  # by outcome
     checkpoint_version: str = ""
 
     def reject(self, rejections: Sequence[Rejection]) -> None:
@@ -101,8 +103,12 @@ class Summary:
         out = [
             f"rows read: {self.rows} (training: {self.train_rows}, rejected: {sum(self.rejected.values())})",
             f"windows scored: {self.windows}, anomalous: {self.anomalous_windows}",
-            f"alerts: {self.firing} firing, {self.resolved} resolved (model {self.checkpoint_version})",
+            f"alerts: {self.firing} firing, {self.resolved} resolved"
+            + (f", {self.regime_changes} regime change(s)" if self.regime_changes else "")
+            + f" (model {self.checkpoint_version})",
         ]
+        if self.retrainings:
+            out.append("retrainings: " + ", ".join(f"{n} {o}" for o, n in sorted(self.retrainings.items())))
         for reason, count in sorted(self.rejected.items()):
             rows = self.rejected_rows[reason]
             shown = ", ".join(str(r) for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
@@ -229,6 +235,11 @@ def replay_file(
     summary.reject(late)
     summary.firing = sum(a.status == "firing" for a in all_alerts)
     summary.resolved = sum(a.status == "resolved" for a in all_alerts)
+    summary.regime_changes = sum(a.status == "regime_change" for a in all_alerts)
+    if pipeline.retrainer is not None:
+        # Retrained in line at batch boundaries: the summary names the model that finished.
+        summary.retrainings.update(pipeline.retrainer.outcomes)
+        summary.checkpoint_version = pipeline.checkpoint.version
     write_scores(out, samples, score, threshold, anomaly, alert_ids, rejections + late, train_mask)
     return summary, all_alerts
 

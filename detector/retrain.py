@@ -31,7 +31,7 @@ import os
 import signal
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
@@ -329,8 +329,10 @@ class TrainingProcess:
             )
             try:
                 status, payload = conn.recv()
-            except (EOFError, OSError) as exc:
-                raise TrainingInterruptedError(f"training process {self.name} ended: {exc!r}") from None
+            except Exception as exc:
+                if self._conn is not conn:  # `close` ended it under us
+                    raise TrainingInterruptedError(f"training process {self.name} closed: {exc!r}") from None
+                raise
         if status != "ok":
             raise RuntimeError(f"training process: {payload}")
         state, current, errors = payload
@@ -469,6 +471,7 @@ class Retrainer:
         )
         # The latest finished retrainings, oldest first (bounded: each may hold a model).
         self.results: deque[RetrainResult] = deque(maxlen=32)
+        self.outcomes: Counter[str] = Counter()  # every finished retraining, by outcome
         self._rounds = 0
         self._windows_since = 0
         self._last_ms: int | None = None  # event time of the latest window seen
@@ -521,18 +524,18 @@ class Retrainer:
             self._started_ms = self._last_ms
             seed = self.stream.retraining.seed + self._rounds
             log.info("stream %s: retraining on %d recent normal windows", self.stream_name, len(windows))
-            # A private copy: the worker must not share a module with the scoring thread.
-            base = replace(current, model=copy.deepcopy(current.model))
+            # No copy of the model: fine-tuning copies it, and scoring never changes it in place
+            # (a swap replaces the object), so the worker may read it while scoring runs.
             if self.background:
                 self._worker = threading.Thread(
                     target=self._run,
-                    args=(base, windows, end_ms, seed),
+                    args=(current, windows, end_ms, seed),
                     name=f"retrain-{self.stream_name}",
                     daemon=True,
                 )
                 self._worker.start()
             else:
-                self._run(base, windows, end_ms, seed)
+                self._run(current, windows, end_ms, seed)
                 finished = self._collect()
         return finished
 
@@ -588,6 +591,7 @@ class Retrainer:
             self._worker.join()
             self._worker = None
         self.results.append(result)
+        self.outcomes[result.outcome] += 1
         level = logging.INFO if result.outcome == "accepted" else logging.WARNING
         log.log(
             level,
@@ -601,6 +605,15 @@ class Retrainer:
             f": {result.detail}" if result.detail else "",
         )
         return result
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait at most `timeout_s` for a running retraining to finish; whether none runs now.
+        Its result is still picked up by the next `step`."""
+        worker = self._worker
+        if worker is not None:
+            worker.join(timeout_s)
+            return not worker.is_alive()
+        return True
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Wait at most `timeout_s` for a running retraining; its result is dropped (the worker

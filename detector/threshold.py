@@ -304,9 +304,11 @@ class EntityBaselines:
 
     def forget(self, slot: int) -> None:
         """The slot's entity was evicted (idle, see `detector.window`): the slot's next entity
-        starts cold and uncalibrated."""
+        starts cold and uncalibrated, with no incident level."""
         if slot < len(self._seen):
             self._seen[slot], self._calibrating[slot], self._scale[slot] = 0, 0, 1.0
+        if slot < len(self._level_n):
+            self._level_sum[slot], self._level_n[slot], self._level_windows[slot] = 0.0, 0, 0
         self._samples.pop(slot, None)
 
     def start_regime(self, slot: int, rules: SeverityRules) -> None:

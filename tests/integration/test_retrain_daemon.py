@@ -15,7 +15,7 @@ from streams import committed, encode, records, sample, scrape, wait_for
 
 pytestmark = pytest.mark.integration
 
-ROWS = 1500  # of each of the 6 entities: 9000 records, sent live at about 1000 a second
+ROWS = 2500  # of each of the 6 entities: 15000 records, sent live at about 1000 a second
 RATE = 1000.0
 RETRAINING = {
     "enabled": True,

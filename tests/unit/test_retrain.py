@@ -15,13 +15,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from detector.alerts import Alert
-from detector.config import AlertmanagerSinkConfig, Stream
+from detector.config import AlertmanagerSinkConfig, Stream, load_config
 from detector.metrics import Metrics
-from detector.model import Checkpoint, ErrorStats
+from detector.model import Checkpoint, ErrorStats, save_checkpoint
 from detector.pipeline import Pipeline
+from detector.replay import replay_file
 from detector.retrain import Reservoir, Retrainer, TrainingProcess
 from detector.sinks import AlertmanagerSink
 from detector.source import SampleBatch
@@ -252,6 +254,36 @@ def test_a_replay_with_retraining_is_reproducible(checkpoint: Checkpoint) -> Non
     assert first.retrainer is not None and len(first.retrainer.results) >= 2
 
 
+def test_detector_replay_retrains_in_line_and_reproducibly(checkpoint: Checkpoint, tmp_path: Path) -> None:
+    data = samples(0, END, seed=2, shift=5.0, spike=True)
+    lines = ["host,timestamp,a,b"] + [
+        f"{e},{t // 1000},{v[0]:.6f},{v[1]:.6f}"
+        for e, t, v in zip(data.entities, data.timestamps.tolist(), data.values, strict=True)
+    ]
+    (tmp_path / "live.csv").write_text("\n".join(lines) + "\n")
+    save_checkpoint(tmp_path / "model.pt", checkpoint)
+    spec = {
+        **SPEC,
+        "input": {"kind": "file", "path": "live.csv"},
+        "mapping": {**SPEC["mapping"], "timestamp_format": "unix_s"},
+        "checkpoint": "model.pt",
+        "retraining": RETRAINING,
+        "regime": REGIME,
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"streams": {"hosts": spec}}))
+    config = load_config(tmp_path / "config.yaml")
+    runs = [
+        replay_file(config, None, None, tmp_path / f"scores{i}.csv", batch_rows=BATCH_ROWS, progress=False)
+        for i in range(2)
+    ]
+    (summary, alerts), (_, again) = runs
+    assert (tmp_path / "scores0.csv").read_text() == (tmp_path / "scores1.csv").read_text()
+    assert [a.id for a in alerts] == [a.id for a in again]
+    assert summary.regime_changes == 1 and summary.retrainings["accepted"] >= 1
+    assert summary.checkpoint_version != checkpoint.version  # the model it finished with
+    assert any(line.startswith("retrainings: ") for line in summary.lines())
+
+
 # --- level shifts and regime changes -----------------------------------------------------------
 
 
@@ -432,11 +464,9 @@ def test_background_retraining_never_blocks_scoring_and_swaps_at_a_batch_boundar
     assert time.monotonic() - started < 5
     assert pipeline.checkpoint is checkpoint
     slow_retraining.set()
-    for batch in batches[8:]:
-        if pipeline.checkpoint is not checkpoint:
-            break
-        time.sleep(0.5)  # the training process's turn (it starts, importing torch, on first use)
-        pipeline.process(batch)
+    assert retrainer.wait(120)  # the training process starts (importing torch) on first use
+    assert pipeline.checkpoint is checkpoint  # finished, but only a batch boundary swaps it in
+    pipeline.process(batches[8])
     assert pipeline.checkpoint is not checkpoint
     first = retrainer.results[0]
     assert first.outcome == "accepted"
