@@ -645,6 +645,17 @@ class Kafka(_Model):
         "alert state (scored, never alerted); enough for every entity of a partition to see `window.size` + "
         "`alerts.m` times `window.stride` samples leaves no blind spot after a restart",
     )
+    alert_dedup_lookback: int = Field(
+        10_000,
+        ge=0,
+        le=1_000_000,
+        description="on partition assignment, alert messages read back from the end of each partition of the "
+        "alerts topic (`sinks.kafka.topic`); the Kafka sink does not send again an alert whose id is among them "
+        "(`detector_alerts_deduplicated_total`), so a restart after a crash between an alert's delivery and its "
+        "offset commit does not put it on the topic twice. Sound within this bound: if more alert messages than "
+        "this reached a partition between the first copy and the reassignment, the re-send is not caught. The ids "
+        "are held in memory (about 110 bytes each) until the next assignment; 0: no read back (at least once)",
+    )
 
     @field_validator("bootstrap_servers", mode="before")
     @classmethod

@@ -166,6 +166,13 @@ class Metrics:
             ["sink", "cause"],
             registry=r,
         )
+        self.alerts_deduplicated = Counter(
+            "detector_alerts_deduplicated_total",
+            "Alert events a sink did not send because their id was already there (the Kafka sink: found on "
+            "the alerts topic when the partitions were assigned, a re-send after a crash).",
+            ["sink"],
+            registry=r,
+        )
         self.sink_queue = Gauge(
             "detector_sink_queue_length", "Deliveries waiting in a sink's queue.", ["sink"], registry=r
         )

@@ -16,7 +16,10 @@ partition is re-read from up to `kafka.refill_records` records before its commit
 Those records are scored (windows, thresholds and alert state are rebuilt) but raise no
 alerts and are not dead-lettered again; scoring with alerts resumes at the committed offset.
 A restart or a rebalance therefore leaves no blind spot and re-sends nothing that was
-committed.
+committed. What was delivered but not committed (a crash between the two) is processed again;
+so that the alerts topic does not get those alerts twice, each assignment first reads the
+last `kafka.alert_dedup_lookback` messages of each alerts-topic partition back, with a
+consumer of its own, and the Kafka sink skips the ids found there (`read_alert_tail`).
 
 Signals: SIGTERM/SIGINT finish the current batch, commit, flush the sinks and exit 0 within
 `service.grace_period_s`. SIGHUP (or `POST /-/reload`) reloads thresholds and alert policy
@@ -61,7 +64,14 @@ from detector.metrics import HealthServer, Metrics
 from detector.model import Checkpoint
 from detector.pipeline import BatchResult, Pipeline
 from detector.retrain import TrainingProcess
-from detector.sinks import AlertmanagerSink, DeadLetterWriter, KafkaAlertSink, SinkError, WebhookSink
+from detector.sinks import (
+    AlertmanagerSink,
+    DeadLetterWriter,
+    KafkaAlertSink,
+    SinkError,
+    WebhookSink,
+    read_alert_tail,
+)
 from detector.source import BatchBuilder, RecordDecoder, Rejection, format_timestamp
 from detector.store import CheckpointStore, stream_checkpoint
 from detector.threshold import SEVERITY_NAMES
@@ -82,6 +92,8 @@ _CONNECT_ATTEMPT_MS = 5000
 _MISSED_HEARTBEATS = 3
 # Seconds between tries of an offset commit that failed.
 _COMMIT_RETRY_S = 1.0
+# The longest an assignment waits for the alerts topic's tail to be read back, in seconds.
+_ALERT_TAIL_TIMEOUT_S = 15.0
 
 
 def _json_number(value: float) -> float | None:
@@ -162,6 +174,22 @@ def consumer_settings(config: Config) -> dict[str, Any]:
         "session_timeout_ms": k.session_timeout_ms,
         "heartbeat_interval_ms": k.heartbeat_interval_ms,
         **k.consumer_options,
+    }
+
+
+def alert_reader_settings(config: Config) -> dict[str, Any]:
+    """The consumer that reads the alerts topic back on assignment: no group, no commits, and
+    fetches the broker answers at once (an empty fetch must not wait)."""
+    k = config.kafka
+    return {
+        **kafka_client_settings(config),
+        "group_id": None,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "fetch_max_wait_ms": 10,
+        "fetch_max_bytes": k.fetch_max_bytes,
+        "max_partition_fetch_bytes": k.max_partition_fetch_bytes,
+        "max_poll_records": 10_000,
     }
 
 
@@ -453,7 +481,8 @@ class Daemon:
 
     def _on_rebalance(self, dropped: list[Any]) -> None:
         """Drop what was fetched but not processed (nothing was emitted or committed for it) and,
-        on an assignment, restart the windows and seek back for the refill."""
+        on an assignment, restart the windows, seek back for the refill and read the alerts
+        topic back for the Kafka sink's dedupe (`_read_alert_tail`)."""
         from kafka.structs import TopicPartition
 
         if self._revoked:
@@ -502,10 +531,65 @@ class Daemon:
                 committed,
                 start,
             )
+        self._read_alert_tail(bool(assigned))
         # Ready once the group has given this member its share, even none: a replica beyond the
         # partition count is a standby that takes partitions over when a member leaves.
         self._ready = True
         self.metrics.ready.set(1)
+
+    def _read_alert_tail(self, any_assigned: bool) -> None:
+        """Give the Kafka sink the alert ids already on the alerts topic, so that alerts this
+        assignment raises again (delivered before a crash, not committed) are not sent twice.
+
+        Reads the last `kafka.alert_dedup_lookback` messages of each alerts-topic partition
+        with a short-lived consumer of no group (the group's consumer is left alone), bounded
+        by `_ALERT_TAIL_TIMEOUT_S`. Nothing to read with no partitions assigned (no alerts
+        will come) or a lookback of 0. When the broker does not answer, the sink re-sends
+        (at least once) and a warning says so."""
+        from kafka import KafkaConsumer
+        from kafka.errors import KafkaError
+
+        sink = next((s for s in self.sinks if isinstance(s, KafkaAlertSink)), None)
+        lookback = self.config.kafka.alert_dedup_lookback
+        if sink is None:
+            return
+        sink.on_topic = frozenset()
+        if not any_assigned or lookback == 0:
+            return
+        t0 = time.monotonic()
+        reader = None
+        try:
+            partitions = self.producer.partitions_for(sink.topic)
+            reader = KafkaConsumer(**alert_reader_settings(self.config))
+            tail = read_alert_tail(reader, sink.topic, partitions, lookback, _ALERT_TAIL_TIMEOUT_S)
+        except KafkaError as exc:
+            log.warning(
+                "could not read the alerts topic %s back (%r): alerts delivered before the last crash and "
+                "raised again are sent again (at least once)",
+                sink.topic,
+                exc,
+            )
+            return
+        finally:
+            if reader is not None:
+                reader.close()
+        sink.on_topic = tail.ids
+        log.info(
+            "read back alerts topic %s: %d alert id(s) in the last %d message(s) of %d partition(s), in %.3f s",
+            sink.topic,
+            len(tail.ids),
+            tail.messages,
+            tail.partitions,
+            time.monotonic() - t0,
+        )
+        if tail.unfinished:
+            log.warning(
+                "alerts topic %s: partition(s) %s not read back within %.0f s; an alert of theirs raised again "
+                "may be sent twice",
+                sink.topic,
+                ", ".join(map(str, tail.unfinished)),
+                _ALERT_TAIL_TIMEOUT_S,
+            )
 
     # --- one micro-batch -------------------------------------------------------------------
 

@@ -4,7 +4,11 @@ dead-letter topic for records that cannot be used.
 A sink has `emit(alerts)` and `close()` (see `detector.alerts.Sink`). `emit` returns once
 the alerts are *handed over*: written to Kafka and acknowledged (Kafka sink), or queued for
 delivery (webhooks). The daemon commits offsets only after every sink's `emit` returned, so
-delivery is at least once; alert ids are stable, so receivers can deduplicate.
+delivery is at least once; alert ids are stable, so receivers can deduplicate. The Kafka sink
+deduplicates itself: it skips the ids the daemon read back from the end of the alerts topic
+when its partitions were assigned (`read_alert_tail`, `kafka.alert_dedup_lookback`), so a
+crash between delivery and commit puts no alert on the topic twice. The other sinks re-send:
+a webhook's queue dies with the process, and the re-send is what delivers what it held.
 
 The Kafka sink and the dead-letter writer wait for the broker as long as the producer retries
 (its `delivery_timeout_ms`, plus a margin), so a broker outage shorter than that is ridden out.
@@ -33,7 +37,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -95,7 +100,12 @@ def alert_json(alert: Alert) -> bytes:
 
 class KafkaAlertSink:
     """Alert events as JSON messages on `topic`, keyed by entity (so one entity's events stay
-    in order on one partition). `emit` blocks until the broker acknowledged every message."""
+    in order on one partition). `emit` blocks until the broker acknowledged every message.
+
+    `on_topic` holds alert ids already on the topic (the daemon reads them back on each
+    partition assignment, `read_alert_tail`); `emit` does not send those again, and counts
+    them in `detector_alerts_deduplicated_total{sink="kafka"}`. Alert ids are unique per
+    event, so a match is a re-send of the same event, never a new one."""
 
     kind = "kafka"
 
@@ -104,9 +114,21 @@ class KafkaAlertSink:
         self.topic = topic
         self.metrics = metrics
         self.timeout_s = delivery_timeout_s(producer) if timeout_s is None else timeout_s
+        self.on_topic: Collection[str] = frozenset()
 
     def emit(self, alerts: Sequence[Alert]) -> None:
-        """Raises SinkError unless the broker acknowledged every alert."""
+        """Raises SinkError unless the broker acknowledged every alert not in `on_topic`."""
+        if self.on_topic and alerts:
+            again = [a.id for a in alerts if a.id in self.on_topic]
+            if again:
+                alerts = [a for a in alerts if a.id not in self.on_topic]
+                self.metrics.alerts_deduplicated.labels(self.kind).inc(len(again))
+                log.info(
+                    "alerts topic %s: not sending %d alert(s) again, already on the topic: %s",
+                    self.topic,
+                    len(again),
+                    " ".join(again),
+                )
         if not alerts:
             return
         # `send` itself can raise too (no metadata within max_block_ms, a record too large).
@@ -130,6 +152,93 @@ class KafkaAlertSink:
 
     def close(self) -> None:
         self.producer.flush(timeout=self.timeout_s)
+
+
+# Each poll of `read_alert_tail` waits at most this long, in milliseconds.
+_TAIL_POLL_MS = 20
+
+
+def alert_id_of(value: bytes | None) -> str | None:
+    """The `id` of an alert message (a JSON object), or None for anything else.
+
+    Cheap on what `KafkaAlertSink` writes (`{"id":"...` comes first: the id is sliced out,
+    the rest not parsed); any other JSON object with a string `id` is parsed whole; junk
+    gives None, never an exception."""
+    if not value:
+        return None
+    if value.startswith(b'{"id":"'):
+        end = value.find(b'"', 7)
+        if end > 7 and b"\\" not in value[7:end]:
+            try:
+                return value[7:end].decode()
+            except UnicodeDecodeError:
+                return None
+    try:
+        data = json.loads(value)
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    ident = data.get("id") if isinstance(data, dict) else None
+    return ident if isinstance(ident, str) else None
+
+
+@dataclass
+class AlertTail:
+    """What `read_alert_tail` found: the alert ids, how many messages it read, and the
+    partitions it could not read to their end in time (their ids read so far are in `ids`)."""
+
+    ids: set[str]
+    messages: int
+    partitions: int
+    unfinished: list[int]
+
+
+def read_alert_tail(
+    consumer: Any, topic: str, partitions: Collection[int], lookback: int, timeout_s: float
+) -> AlertTail:
+    """The alert ids among the last `lookback` messages of each of `partitions` of `topic`.
+
+    `consumer` is a kafka-python `KafkaConsumer` of no group that nothing else uses: this
+    assigns it the partitions. Where a partition ends is its high watermark as the first
+    fetch response reports it, not an offset lookup: Tansu, the local broker, answers the
+    latest-offset lookup wrongly (1 for a partition ending at 24). So each partition is
+    fetched from its beginning once, then read from `lookback` messages before that end up
+    to it; messages written after that first fetch are not read. A partition not read to its
+    end within `timeout_s` (seconds) is listed in `unfinished`.
+    """
+    from kafka.structs import TopicPartition
+
+    deadline = time.monotonic() + timeout_s
+    pending = {TopicPartition(topic, p) for p in partitions}
+    tail = AlertTail(set(), 0, len(pending), [])
+    if not pending:
+        return tail
+    consumer.assign(sorted(pending))
+    consumer.seek_to_beginning(*pending)
+    end: dict[Any, int] = {}
+    while pending and time.monotonic() < deadline:
+        polled = consumer.poll(timeout_ms=_TAIL_POLL_MS)
+        for tp in pending - end.keys():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                end[tp] = highwater
+                if consumer.position(tp) < highwater - lookback:
+                    consumer.seek(tp, highwater - lookback)
+        for tp, batch in polled.items():
+            if tp not in end:
+                continue  # no high watermark came with them: they cannot be placed in the tail
+            first = end[tp] - lookback
+            for record in batch:
+                if first <= record.offset < end[tp]:
+                    tail.messages += 1
+                    ident = alert_id_of(record.value)
+                    if ident is not None:
+                        tail.ids.add(ident)
+        done = [tp for tp in pending & end.keys() if consumer.position(tp) >= end[tp]]
+        if done:
+            consumer.pause(*done)
+            pending.difference_update(done)
+    tail.unfinished = sorted(tp.partition for tp in pending)
+    return tail
 
 
 class DeadLetterWriter:

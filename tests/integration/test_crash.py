@@ -9,27 +9,21 @@ seeded random moments and started again. Afterwards:
 - the firing and resolved alerts are exactly those of an uninterrupted run of the same input
   (same ids, that is same entity, window end and status): no entity missed an alert, none
   got one it should not have;
-- no alert id, firing or resolved, reaches the alerts topic twice, except by the one re-send
-  the commit protocol allows, and then it must happen. Offsets are committed after every
-  sink took the batch's alerts, so a kill between the two makes the next incarnation process
-  the batch again and raise the same alerts with the same ids (at least once; receivers
-  deduplicate by id). So each extra copy of an id must follow a kill that came after the
-  previous copy reached the topic and before the batch that raised it was committed, and an
-  alert caught that way must be sent again.
+- no alert id, firing or resolved, reaches the alerts topic (two partitions) twice.
 
-Why not "never twice": to skip ids already on the topic, a restarted daemon needs a durable
-note of where on the alerts topic to read them back from. Kafka keeps commit metadata that
-could carry it, but Tansu, the broker these tests run on, drops it; a bound taken from clocks
-(producer timestamps) would not be sound.
-
-Three of the kill moments are aimed at the few milliseconds between a batch's alert delivery
-and its commit (see `kill_mid_delivery`), and at least one must land there; the other two
-fall at seeded random times, anywhere in the batch cycle.
+Offsets are committed after every sink took the batch's alerts, so a kill between the two
+makes the next incarnation process the batch again and raise the same alerts with the same
+ids. On assignment the daemon reads the alerts topic's tail back (`kafka.alert_dedup_lookback`
+messages per partition) and its Kafka sink skips the ids found there. Three of the kill
+moments are aimed at the few milliseconds between a batch's alert delivery and its commit
+(see `kill_mid_delivery`), and at least one must land there; the other two fall at seeded
+random times, anywhere in the batch cycle. For each kill, the alerts it caught (on the topic
+before the kill, their record not committed) must be exactly the ones the next incarnation
+logs as not sent again: the dedupe, not luck, kept them single.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import signal
@@ -52,6 +46,8 @@ from streams import (
     unscored,
     wait_for,
 )
+
+from detector.broker import create_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -95,21 +91,43 @@ class AlertsWatch:
             self.ids.update(json.loads(r.value)["id"] for r in batch)
         return self.ids
 
+    def drain(self) -> set[str]:
+        """The ids on the topic so far: polls until a poll brings none."""
+        while True:
+            before = len(self.ids)
+            if len(self.poll(100)) == before:
+                return set(self.ids)
+
+
+def suppressed(log: str) -> list[str]:
+    """The alert ids a daemon's log says its Kafka sink did not send again."""
+    marker = "already on the topic: "
+    return [i for line in log.splitlines() if marker in line for i in line.split(marker, 1)[1].split()]
+
+
+def tail_read_s(log: str) -> list[float]:
+    """How long each assignment of a daemon's log took to read the alerts topic back, in seconds."""
+    return [
+        float(line.rsplit(" in ", 1)[1].split()[0]) for line in log.splitlines() if "read back alerts topic" in line
+    ]
+
 
 def kill_mid_delivery(daemon: Daemon, watch: AlertsWatch, rng: random.Random, timeout_s: float) -> None:
     """Let the daemon run in steps of under a millisecond (SIGCONT, SIGSTOP) until the alerts
     topic has its next alert, then SIGKILL it: mostly after the delivery and before the
     batch's commit, which follow each other within a few milliseconds. (Its log sink writes
     an alert just before the Kafka sink sends it.) Without an alert in `timeout_s` (the
-    stream ran out), the kill is merely random."""
+    stream ran out), the kill is merely random. An alert already on the topic before the
+    stepping began (a re-send the daemon skips) is no aim."""
     logged = daemon.log().count('"status": ')
+    known = watch.drain()
     deadline = time.monotonic() + timeout_s
     daemon.signal(signal.SIGSTOP)
     while time.monotonic() < deadline:
         text = daemon.log()
         if text.count('"status": ') > logged:
             alert = json.loads(text.rsplit("detector.alerts: ", 1)[1].split("\n", 1)[0])["id"]
-            if alert in watch.poll(20):
+            if alert not in known and alert in watch.poll(20):
                 break
         daemon.signal(signal.SIGCONT)
         time.sleep(rng.uniform(0.0001, 0.0008))
@@ -117,7 +135,7 @@ def kill_mid_delivery(daemon: Daemon, watch: AlertsWatch, rng: random.Random, ti
     daemon.process.kill()
 
 
-def test_kill_9_at_random_moments_loses_nothing_and_resends_only_the_uncommitted(
+def test_kill_9_at_random_moments_loses_nothing_and_sends_no_alert_twice(
     kafka: str, checkpoint: Path, tmp_path: Path, topics: Topics, start_daemon: Callable[..., Daemon]
 ) -> None:
     rng = random.Random(SEED)
@@ -125,14 +143,25 @@ def test_kill_9_at_random_moments_loses_nothing_and_resends_only_the_uncommitted
     expected = clean_run_alerts(checkpoint, recs)
     assert len([a for a in expected if a.status == "firing"]) == sum(len(b) for b in BURSTS.values())
 
-    config = daemon_config(kafka, topics, checkpoint, tmp_path, scoring={"batch_records": 60, "batch_wait_ms": 50})
+    # Two alerts-topic partitions: the tail is read back from each.
+    alerts_topic = f"{topics.alerts}-p2"
+    create_topics(kafka, [alerts_topic], partitions=2)
+    config = daemon_config(
+        kafka,
+        topics,
+        checkpoint,
+        tmp_path,
+        scoring={"batch_records": 60, "batch_wait_ms": 50},
+        sinks={"kafka": {"topic": alerts_topic}},
+    )
     # The last rows wait for the last restart: every kill comes while records are still coming.
     hold_at = (ROWS - 10) * len(ENTITIES)
     producer = PacedProducer(kafka, topics.metrics, recs, len(ENTITIES), 1 / ROWS_PER_S, partitions=3, hold_at=hold_at)
     daemon = start_daemon(config, "run-0")
+    daemons = [daemon]
     daemon.wait_ready()
     producer.start()
-    watch = AlertsWatch(kafka, topics.alerts)
+    watch = AlertsWatch(kafka, alerts_topic)
 
     kills: list[tuple[float, dict[int, int]]] = []  # (wall time in ms, committed offsets after it)
     for k in range(KILLS):
@@ -149,6 +178,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_resends_only_the_uncommitted
         daemon.process.wait()
         kills.append((killed_at, committed(kafka, topics.group, topics.metrics)))
         daemon = start_daemon(config, f"run-{k + 1}")
+        daemons.append(daemon)
         daemon.wait_ready()
 
     watch.consumer.close()
@@ -163,10 +193,9 @@ def test_kill_9_at_random_moments_loses_nothing_and_resends_only_the_uncommitted
     assert {(s["partition"], s["offset"]) for s in lines} == set(producer.positions)
     assert unscored(lines, ROWS) == []
 
-    # The alerts of an uninterrupted run, each id once, except for at-least-once re-sends: an
-    # alert whose copy reached the topic before a kill that came before its batch's commit is
-    # sent again (same id) by the next incarnation, and only such an alert.
-    messages = read_topic(kafka, topics.alerts)
+    # The alerts of an uninterrupted run, each id once.
+    messages = read_topic(kafka, alerts_topic)
+    assert {m.partition for m in messages} == {0, 1}
     index = {(r["host"], row_of(r["ts"])): i for i, r in enumerate(recs)}
     copies: dict[str, list[int]] = defaultdict(list)  # id -> when each copy was sent (ms)
     source: dict[str, tuple[int, int]] = {}  # id -> the record that completed its window
@@ -175,26 +204,29 @@ def test_kill_9_at_random_moments_loses_nothing_and_resends_only_the_uncommitted
         copies[a["id"]].append(m.timestamp_ms)
         source[a["id"]] = producer.positions[index[(a["entity"], row_of(a["window_end"]))]]
     assert sorted(copies) == sorted(a.id for a in expected)
+    twice = {alert_id: len(sent) for alert_id, sent in copies.items() if len(sent) > 1}
+    assert not twice, f"alert ids on the alerts topic more than once: {twice}"
 
-    def uncommitted_at(kill: tuple[float, dict[int, int]], alert_id: str) -> bool:
-        partition, offset = source[alert_id]
-        return offset >= kill[1].get(partition, 0)
+    # Each kill caught the alerts that were on the topic before it and whose record it left
+    # uncommitted; the next incarnation raised exactly those again and did not send them.
+    def caught(kill: tuple[float, dict[int, int]]) -> set[str]:
+        killed_at, offsets = kill
+        return {
+            i for i, (sent,) in copies.items() if sent <= killed_at and source[i][1] >= offsets.get(source[i][0], 0)
+        }
 
-    resent = 0
-    for alert_id, sent in copies.items():
-        sent.sort()
-        for before, after in itertools.pairwise(sent):
-            assert any(before <= k[0] <= after and uncommitted_at(k, alert_id) for k in kills), (
-                f"alert {alert_id} reached the alerts topic twice without a kill between its delivery and commit"
-            )
-            resent += 1
-        # At least once: a copy delivered before a kill that left its batch uncommitted is not
-        # the last one.
-        for k in kills:
-            if sent[0] <= k[0] and uncommitted_at(k, alert_id):
-                assert sent[-1] > k[0], f"alert {alert_id} was not sent again after a kill before its commit"
-    mid_delivery = sum(any(min(copies[i]) <= k[0] and uncommitted_at(k, i) for i in copies) for k in kills)
+    assert suppressed(daemons[0].log()) == []
+    for k, kill in enumerate(kills):
+        skipped = suppressed(daemons[k + 1].log())
+        assert set(skipped) == caught(kill), f"kill {k}: caught {caught(kill)}, not re-sent {skipped}"
+    mid_delivery = sum(bool(caught(kill)) for kill in kills)
     assert mid_delivery >= 1, "no kill fell between a delivery and its commit: the aim missed"
+    deduplicated = sum(len(caught(kill)) for kill in kills)
+    reads = [s for d in daemons for s in tail_read_s(d.log())]
+    assert len(reads) >= len(daemons)  # each incarnation read the tail back on its assignment
     n = len(producer.positions)
     held = "; the stream waited for the last kill" if producer.held else ""
-    print(f"{n} records, {KILLS} kills ({mid_delivery} mid-delivery), {len(copies)} alerts, {resent} re-sent{held}")
+    print(
+        f"{n} records, {KILLS} kills ({mid_delivery} mid-delivery), {len(copies)} alerts, each once; "
+        f"{deduplicated} re-sends skipped; tail read back in {min(reads):.3f}-{max(reads):.3f} s{held}"
+    )
