@@ -699,6 +699,35 @@ def _one_authorization_header(sink: Any) -> Any:
     return sink
 
 
+# Fields both HTTP sinks have, written once (a shared base class would move them to the top of
+# the generated reference, away from the fields they go with).
+_QueueSize = Annotated[
+    int,
+    Field(
+        ge=1,
+        description="deliveries waiting; when full, new alerts are dropped, counted "
+        '(`detector_sink_dropped_total{cause="queue_full"}`) and logged; with `delivery: confirmed`, the daemon '
+        "waits for room instead",
+    ),
+]
+_BearerTokenEnv = Annotated[
+    str | None,
+    Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="name of the environment variable holding a bearer token, sent as `Authorization: Bearer "
+        "<token>`; the token itself never goes in the file, and a variable that is not set is a config error",
+    ),
+]
+_Delivery = Annotated[
+    Literal["queued", "confirmed"],
+    Field(
+        description="`queued`: offsets are committed once alerts are queued; a full queue drops (and counts) new "
+        "alerts, and consumption never waits for the receiver. `confirmed`: offsets are committed only past alerts "
+        "the receiver acknowledged, so a restart re-sends what was not; a full queue makes the daemon wait",
+    ),
+]
+
+
 class WebhookSinkConfig(_Model):
     """A generic JSON webhook: each batch's alert events are POSTed to `url` as a JSON array."""
 
@@ -706,25 +735,9 @@ class WebhookSinkConfig(_Model):
     headers: dict[str, str] = Field(
         default_factory=dict, description="extra HTTP headers, e.g. `Authorization: Bearer ${TOKEN}`"
     )
-    queue_size: int = Field(
-        1000,
-        ge=1,
-        description="deliveries waiting; when full, new alerts are dropped, counted "
-        '(`detector_sink_dropped_total{cause="queue_full"}`) and logged; with `delivery: confirmed`, the daemon '
-        "waits for room instead",
-    )
-    bearer_token_env: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        description="name of the environment variable holding a bearer token, sent as `Authorization: Bearer "
-        "<token>`; the token itself never goes in the file, and a variable that is not set is a config error",
-    )
-    delivery: Literal["queued", "confirmed"] = Field(
-        "queued",
-        description="`queued`: offsets are committed once alerts are queued; a full queue drops (and counts) new "
-        "alerts, and consumption never waits for the receiver. `confirmed`: offsets are committed only past alerts "
-        "the receiver acknowledged, so a restart re-sends what was not; a full queue makes the daemon wait",
-    )
+    queue_size: _QueueSize = 1000
+    bearer_token_env: _BearerTokenEnv = None
+    delivery: _Delivery = "queued"
     retry: Retry = Field(default_factory=Retry, description="delivery retries (below)")
 
     _token_set = field_validator("bearer_token_env")(_environment_variable_set)
@@ -743,25 +756,9 @@ class AlertmanagerSinkConfig(_Model):
     )
     resend_interval_s: float = Field(60.0, gt=0, description="seconds between re-sends of an active alert")
     generator_url: str | None = Field(None, description="the alerts' `generatorURL`")
-    queue_size: int = Field(
-        1000,
-        ge=1,
-        description="deliveries waiting; when full, new alerts are dropped, counted "
-        '(`detector_sink_dropped_total{cause="queue_full"}`) and logged; with `delivery: confirmed`, the daemon '
-        "waits for room instead",
-    )
-    bearer_token_env: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        description="name of the environment variable holding a bearer token, sent as `Authorization: Bearer "
-        "<token>`; the token itself never goes in the file, and a variable that is not set is a config error",
-    )
-    delivery: Literal["queued", "confirmed"] = Field(
-        "queued",
-        description="`queued`: offsets are committed once alerts are queued; a full queue drops (and counts) new "
-        "alerts, and consumption never waits for the receiver. `confirmed`: offsets are committed only past alerts "
-        "the receiver acknowledged, so a restart re-sends what was not; a full queue makes the daemon wait",
-    )
+    queue_size: _QueueSize = 1000
+    bearer_token_env: _BearerTokenEnv = None
+    delivery: _Delivery = "queued"
     retry: Retry = Field(default_factory=Retry, description="delivery retries (below)")
 
     _token_set = field_validator("bearer_token_env")(_environment_variable_set)
