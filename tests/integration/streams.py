@@ -108,13 +108,19 @@ def train_checkpoint(stream: Stream, rows: int = 400) -> Checkpoint:
 # --- Kafka -------------------------------------------------------------------------------
 
 
-def produce(bootstrap: str, topic: str, messages: list[tuple[str, bytes]]) -> dict[int, int]:
-    """Send (key, value) messages in order; returns each partition's end offset afterwards."""
+def produce(bootstrap: str, topic: str, messages: list[tuple[str, bytes]], rate: float | None = None) -> dict[int, int]:
+    """Send (key, value) messages in order, as fast as possible or at about `rate` a second (as
+    a live stream would); returns each partition's end offset afterwards."""
     from kafka import KafkaProducer
 
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     try:
-        futures = [producer.send(topic, key=key.encode(), value=value) for key, value in messages]
+        futures = []
+        started = time.monotonic()
+        for i, (key, value) in enumerate(messages):
+            futures.append(producer.send(topic, key=key.encode(), value=value))
+            if rate is not None and i % 60 == 59:
+                time.sleep(max(0.0, started + (i + 1) / rate - time.monotonic()))
         producer.flush()
         ends: dict[int, int] = {}
         for future in futures:

@@ -5,13 +5,12 @@ without retraining)."""
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import Daemon, Topics, daemon_config
-from streams import committed, encode, records, sample, scrape, wait_for
+from streams import committed, encode, produce, records, sample, scrape, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -46,28 +45,6 @@ def histogram_quantile(samples: Samples, name: str, q: float) -> float:
     return buckets[-1][0]
 
 
-def produce_live(bootstrap: str, topic: str, messages: list[tuple[str, bytes]], rate: float) -> dict[int, int]:
-    """Send messages at about `rate` a second, as a live stream would; each partition's end offset."""
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-    try:
-        futures = []
-        started = time.monotonic()
-        for i, (key, value) in enumerate(messages):
-            futures.append(producer.send(topic, key=key.encode(), value=value))
-            if i % 60 == 59:
-                time.sleep(max(0.0, started + (i + 1) / rate - time.monotonic()))
-        producer.flush()
-        ends: dict[int, int] = {}
-        for future in futures:
-            meta = future.get(timeout=30)
-            ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
-        return ends
-    finally:
-        producer.close()
-
-
 def test_background_retraining_keeps_scoring_latency_within_twice_a_run_without(
     kafka: str, checkpoint: Path, tmp_path: Path, topics: Topics, start_daemon: Callable[..., Daemon]
 ) -> None:
@@ -83,7 +60,7 @@ def test_background_retraining_keeps_scoring_latency_within_twice_a_run_without(
         daemons[name] = start_daemon(config, name)
     for daemon in daemons.values():
         daemon.wait_ready()
-    ends = produce_live(kafka, topics.metrics, encode(records(ROWS, seed=6)), RATE)
+    ends = produce(kafka, topics.metrics, encode(records(ROWS, seed=6)), RATE)
     metrics: dict[str, Samples] = {}
     for name, daemon in daemons.items():
         group = f"{topics.group}-{name}"
