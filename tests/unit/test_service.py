@@ -218,12 +218,8 @@ class UnacknowledgingProducer:
         pass
 
 
-def test_a_failing_alerts_topic_stops_the_daemon_without_committing_the_batch(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    # Every window fires (static threshold 0, 1 of 1): the batch that completes the first
-    # window (4 samples) has an alert, and the alerts topic fails to take it.
-    daemon = build_daemon(tmp_path, scoring={"batch_records": 3, "batch_wait_ms": 1})
+def alert_on_every_window(daemon: Daemon) -> None:
+    """Reload the daemon with a static threshold of 0 and a 1-of-1 policy: every window fires."""
     assert daemon.config_path is not None
     config = yaml.safe_load(daemon.config_path.read_text())
     config["streams"]["web"]["thresholds"] = {"warning": {"rule": "static", "value": 0.0}}
@@ -231,9 +227,20 @@ def test_a_failing_alerts_topic_stops_the_daemon_without_committing_the_batch(
     write(daemon.config_path, config)
     assert daemon.reload()[0]
 
-    def record(offset: int) -> SimpleNamespace:
-        value = json.dumps({"host": "h", "timestamp": 60 * offset, "cpu": 0.5}).encode()
-        return SimpleNamespace(topic="metrics", partition=0, offset=offset, key=b"h", value=value, timestamp=0)
+
+def record(offset: int) -> SimpleNamespace:
+    """A Kafka record of host `h`, one a minute."""
+    value = json.dumps({"host": "h", "timestamp": 60 * offset, "cpu": 0.5}).encode()
+    return SimpleNamespace(topic="metrics", partition=0, offset=offset, key=b"h", value=value, timestamp=0)
+
+
+def test_a_failing_alerts_topic_stops_the_daemon_without_committing_the_batch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every window fires (static threshold 0, 1 of 1): the batch that completes the first
+    # window (4 samples) has an alert, and the alerts topic fails to take it.
+    daemon = build_daemon(tmp_path, scoring={"batch_records": 3, "batch_wait_ms": 1})
+    alert_on_every_window(daemon)
 
     consumer = FakeConsumer([[record(0), record(1), record(2)], [record(3), record(4)]], daemon)
     daemon.consumer = consumer
@@ -418,12 +425,7 @@ def test_a_loop_blocked_on_a_sink_stays_healthy_a_stalled_loop_does_not(tmp_path
     # Liveness: restarting a daemon that waits for a down receiver would not bring the receiver
     # back, so a wait inside a sink's emit is alive; a loop that stopped turning is not.
     daemon = build_daemon(tmp_path, scoring={"batch_records": 1, "batch_wait_ms": 1})
-    assert daemon.config_path is not None
-    config = yaml.safe_load(daemon.config_path.read_text())
-    config["streams"]["web"]["thresholds"] = {"warning": {"rule": "static", "value": 0.0}}
-    config["streams"]["web"]["alerts"] = {"n": 1, "m": 1}
-    write(daemon.config_path, config)
-    assert daemon.reload()[0]
+    alert_on_every_window(daemon)
     seen: list[bool] = []
 
     class StalledSink:
@@ -436,10 +438,6 @@ def test_a_loop_blocked_on_a_sink_stays_healthy_a_stalled_loop_does_not(tmp_path
 
         def close(self) -> None:
             pass
-
-    def record(offset: int) -> SimpleNamespace:
-        value = json.dumps({"host": "h", "timestamp": 60 * offset, "cpu": 0.5}).encode()
-        return SimpleNamespace(topic="metrics", partition=0, offset=offset, key=b"h", value=value, timestamp=0)
 
     daemon.consumer = FakeConsumer([[record(i)] for i in range(5)], daemon)
     daemon.sinks = [StalledSink()]
