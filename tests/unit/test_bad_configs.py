@@ -12,12 +12,11 @@ every message, YAML is loaded safely, and the HTTP server binds to loopback by d
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,16 +51,6 @@ BASE: dict[str, Any] = {
     "kafka": {"bootstrap_servers": "127.0.0.1:1", "request_timeout_ms": 1000},
     "server": {"enabled": False},
 }
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    # `main` points the root logger at the current sys.stderr (capsys's); put it back after.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")

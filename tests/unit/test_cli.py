@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -76,16 +75,6 @@ def write_csv(path: Path, rows: list[list[str]], header: tuple[str, ...] = ("tim
 def read_scores(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    # `main` points the root logger at the current sys.stderr (capsys's); put it back after.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")

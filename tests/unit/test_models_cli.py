@@ -8,14 +8,12 @@ import logging
 import math
 import shutil
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from detector.cli import EXIT_BUG, EXIT_OK, EXIT_USAGE, main
 from detector.config import load_config
@@ -59,18 +57,6 @@ def write_data(path: Path) -> None:
                     cpu, mem = 30.0, -30.0
                 stamp = (START + i * timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
                 writer.writerow([stamp, host, f"{cpu:.5f}", f"{mem:.5f}"])
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    # `main` points the root logger at the current sys.stderr (capsys's); put it back after.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    threads = torch.get_num_threads()
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
