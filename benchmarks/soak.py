@@ -20,9 +20,10 @@ sent, and prints the samples and a verdict:
   the three samples that follow the warm-up (`--warmup-minutes`; by then every window is full
   and the first retired cohorts have been evicted, so the population is at its steady state);
 - eviction: the evicted counter is at least the number of entities retired more than
-  idle + one send interval + 30 s before the end (they must be gone) and at most the number
-  retired (no active entity was evicted), and the live-entity gauge never exceeded
-  entities + the retired entities that may still be waiting for their deadline;
+  idle + one send interval + 30 s before the last record was sent (they must be gone: event time
+  stops with the producer) and at most the number retired (no active entity was evicted), and
+  the live-entity gauge never exceeded entities + the retired entities that may still be
+  waiting for their deadline;
 - no records lost: records consumed == records produced, and none dropped.
 
 Model: seeded random LSTM weights (`end_to_end.write_setup`), W=`--window`, D=1, H=32.
@@ -123,6 +124,9 @@ def soak(args: argparse.Namespace, workdir: Path, bootstrap: str) -> int:
     # layout, so the checkpoint it saved stays valid.
     cfg = json.loads(config.read_text())
     cfg["streams"]["bench"]["window"]["idle_evict_after_s"] = None if args.no_evict else args.idle_s
+    for option in args.consumer_option:
+        key, value = option.split("=", 1)
+        cfg["kafka"].setdefault("consumer_options", {})[key] = json.loads(value)
     config.write_text(json.dumps(cfg, indent=1))
     proc = start_daemon(config, port, workdir / f"{group}.log")
     seconds = args.minutes * 60
@@ -168,7 +172,8 @@ def soak(args: argparse.Namespace, workdir: Path, bootstrap: str) -> int:
         if feeder.returncode != 0:
             raise RuntimeError(f"producer exited with {feeder.returncode}")
         sent = json.loads(out.strip().splitlines()[-1])
-        produced_s = time.time() - t0
+        produced_end = time.time()  # the newest event time: the stream clock stops here
+        produced_s = produced_end - t0
         deadline = time.monotonic() + args.drain_timeout_s
         while metric(port, "detector_records_consumed_total") < sent["sent"] and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -179,7 +184,7 @@ def soak(args: argparse.Namespace, workdir: Path, bootstrap: str) -> int:
         dropped = metric(port, "detector_messages_dropped_total")
     finally:
         stop_daemon(proc)
-    return verdict(args, samples, sent, consumed, dropped, cpu, produced_s, end)
+    return verdict(args, samples, sent, consumed, dropped, cpu, produced_s, produced_end)
 
 
 def sample(pid: int, port: int, elapsed: float) -> list[Any]:
@@ -202,7 +207,7 @@ def verdict(
     dropped: float,
     cpu: float,
     produced_s: float,
-    end: float,
+    produced_end: float,
 ) -> int:
     interval_s = args.entities / args.rate
     rows = [[f"{s[0]:.0f}", int(s[1]), s[2], int(s[3]), int(s[4]), int(s[5])] for s in samples]
@@ -220,8 +225,9 @@ def verdict(
         ok_memory = growth < MEMORY_LIMIT
     churns = sent["churns"]
     retired = len(churns) * sent["per_churn"]
-    # Retired long enough ago that their deadline (last record + idle) has surely passed.
-    must_be_gone = sum(sent["per_churn"] for c in churns if end - c > args.idle_s + interval_s + 30)
+    # Retired long enough before the last record that the stream clock (event time, which stops
+    # with the producer) surely passed their deadline (last record + idle).
+    must_be_gone = sum(sent["per_churn"] for c in churns if produced_end - c > args.idle_s + interval_s + 30)
     evicted = int(samples[-1][4])
     ok_evicted = must_be_gone <= evicted <= retired and evicted > 0
     # At most: the active population plus the cohorts that may still be waiting for their deadline.
@@ -270,6 +276,9 @@ def main() -> None:
     parser.add_argument("--batch-records", type=int, default=2000)
     parser.add_argument("--batch-wait-ms", type=int, default=200)
     parser.add_argument("--sample-s", type=float, default=30)
+    parser.add_argument(
+        "--consumer-option", action="append", default=[], help="KEY=JSON_VALUE for kafka.consumer_options (repeatable)"
+    )
     parser.add_argument("--drain-timeout-s", type=float, default=300)
     # producer mode
     parser.add_argument("--producer", action="store_true", help=argparse.SUPPRESS)
