@@ -115,3 +115,64 @@ def test_absurd_readings_are_clipped_so_scores_stay_finite() -> None:
     assert ready.values[:, :, 0].tolist() == [[0.0, NORMALIZED_LIMIT], [NORMALIZED_LIMIT, -NORMALIZED_LIMIT]]
     assert ready.values[:, :, 1].tolist() == [[0.0, 1.0], [1.0, 2.0]]
     assert np.isfinite((ready.values.astype(np.float32) ** 2).mean())
+
+
+def _sparse_training(rows: int = 10_000) -> np.ndarray:
+    """Column 0 is 0 but for one spike to 1 (IQR 0, std 0.01); column 1 moves every row."""
+    values = np.zeros((rows, 2), np.float32)
+    values[rows // 2, 0] = 1.0
+    values[:, 1] = np.arange(rows) % 7
+    return values
+
+
+def test_relative_min_scale_floors_a_feature_flat_in_training_but_for_spikes() -> None:
+    from detector.config import Normalization
+
+    values = _sparse_training()
+    off = Scaler.fit(values, ["a"] * len(values), Normalization())
+    on = Scaler.fit(values, ["a"] * len(values), Normalization(relative_min_scale=0.05))
+    # Off: IQR 0 falls back to the std, 0.01, so a later reading of 1 (the size of the spike seen in
+    # training) would be 100 scales. On: the floor is 5% of the training range.
+    assert off.scale[0] == pytest.approx(0.01, rel=1e-3)
+    assert on.scale[0] == pytest.approx(0.05)
+    assert on.scale[1] == off.scale[1]  # a feature with a real spread keeps its IQR
+    store = WindowStore(2, 1, 2, on)
+    ready, _ = store.append(make_batch(["a", "a"], [1, 2], np.array([[0.0, 3.0], [1.0, 3.0]])))
+    assert ready.values[0, 1, 0] == pytest.approx(20.0)  # 1 / 0.05
+
+
+def test_relative_min_scale_measures_a_constant_series_in_relative_change() -> None:
+    from detector.config import Normalization
+
+    values = np.full((100, 1), 250.0, np.float32)
+    scaler = Scaler.fit(values, ["a"] * 100, Normalization(relative_min_scale=0.01))
+    assert scaler.scale[0] == pytest.approx(2.5)  # 1% of the level: a 10% change is 10 scales
+    # Exactly 0 in training: no magnitude to be relative to, so `min_scale` is the floor.
+    zero = Scaler.fit(np.zeros((100, 1), np.float32), ["a"] * 100, Normalization(relative_min_scale=0.01))
+    assert zero.scale[0] == pytest.approx(1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    column=st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=60),
+    constant=st.booleans(),
+    rel=st.floats(0.001, 1.0),
+    method=st.sampled_from(["robust", "standard"]),
+    position=st.floats(0.0, 1.0),
+)
+def test_values_within_the_training_magnitude_stay_within_one_over_relative_min_scale(
+    column: list[float], constant: bool, rel: float, method: str, position: float
+) -> None:
+    # Any training series, constant or not: a later value inside the training range, or off the
+    # centre by at most its level, normalizes to at most 1 / relative_min_scale, never ~1/min_scale.
+    from detector.config import Normalization
+
+    train = np.array(column[:1] * len(column) if constant else column, np.float32)[:, None]
+    scaler = Scaler.fit(train, ["a"] * len(train), Normalization(method=method, relative_min_scale=rel))
+    center = float(scaler.center[0])
+    reach = max(float(train.max() - train.min()), abs(center))
+    lo, hi = min(float(train.min()), center - reach), max(float(train.max()), center + reach)
+    x = np.float32(lo + position * (hi - lo))
+    store = WindowStore(1, 1, 1, scaler)
+    ready, _ = store.append(make_batch(["a"], [1], np.array([[x]], np.float32)))
+    assert abs(float(ready.values[0, 0, 0])) <= (1.0 / rel) * (1 + 1e-3) + 1e-3
