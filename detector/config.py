@@ -612,7 +612,9 @@ class Kafka(_Model):
         100,
         ge=0,
         description="how long the broker may hold a fetch waiting for `fetch_min_bytes`: bounds the latency of a "
-        "quiet stream",
+        "quiet stream. The local Tansu broker answers a fetch with no records when reading takes longer than this, "
+        "and its reads slow down as a partition holds more batches: below about 100 ms a long run against it can "
+        "stop consuming (the daemon warns after 60 s without progress); Apache Kafka has no such limit",
     )
     max_poll_records: int = Field(500, ge=1, description="records per poll, as in kafka-python")
     session_timeout_ms: int = Field(45_000, ge=1000, description="group membership timeout")

@@ -94,6 +94,9 @@ _MISSED_HEARTBEATS = 3
 _COMMIT_RETRY_S = 1.0
 # The longest an assignment waits for the alerts topic's tail to be read back, in seconds.
 _ALERT_TAIL_TIMEOUT_S = 15.0
+# A partition whose position has not moved for this long, with records waiting past it, is
+# logged as stalled (`Daemon._watch_progress`).
+_STALL_WARN_S = 60.0
 
 
 def _json_number(value: float) -> float | None:
@@ -277,6 +280,8 @@ class Daemon:
         self._last_loop = time.monotonic()
         self._waiting_on: str | None = None  # a dependency the loop is blocked on, for is_healthy
         self._last_lag = 0.0
+        self._progress: dict[Any, tuple[int, float]] = {}  # partition -> (position, since when)
+        self._stalled: set[Any] = set()
         self._last_drift = 0.0
         self._contact: BrokerContact | None = None
         self._was_reachable = True
@@ -512,6 +517,7 @@ class Daemon:
                 model_store=rt.model_store,
             )
         self._live_from = {}
+        self._progress, self._stalled = {}, set()
         refill = self.config.kafka.refill_records
         for tp in sorted(assigned):
             committed = self.consumer.committed(tp)
@@ -804,7 +810,35 @@ class Daemon:
             if highwater is None:
                 continue
             position = self.consumer.position(tp)
-            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+            lag = max(0, highwater - position)
+            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
+            self._watch_progress(tp, position, lag, now)
+
+    def _watch_progress(self, tp: Any, position: int, lag: int, now: float) -> None:
+        """Warn once when a partition's position has not moved for `_STALL_WARN_S` although
+        records wait past it, and say when it moves again. The broker then answers fetches
+        without records, or does not answer them; Tansu (0.6, memory storage) answers a fetch
+        with no records whenever reading it takes longer than `kafka.fetch_max_wait_ms`, and
+        that read slows down as the partition's batch count grows. The daemon stays ready."""
+        last = self._progress.get(tp)
+        if last is None or last[0] != position or lag == 0:
+            self._progress[tp] = (position, now)
+            if tp in self._stalled:
+                self._stalled.discard(tp)
+                log.info("%s[%d]: consuming again, from offset %d", tp.topic, tp.partition, position)
+            return
+        if tp not in self._stalled and now - last[1] >= _STALL_WARN_S:
+            self._stalled.add(tp)
+            log.warning(
+                "%s[%d]: no record consumed for %.0f s although %d record(s) wait past offset %d: the broker "
+                "answers fetches without records (or not at all). With a local Tansu broker, raise "
+                "kafka.fetch_max_wait_ms",
+                tp.topic,
+                tp.partition,
+                now - last[1],
+                lag,
+                position,
+            )
 
     def _update_drift(self) -> None:
         now = time.monotonic()

@@ -444,3 +444,27 @@ def test_a_loop_blocked_on_a_sink_stays_healthy_a_stalled_loop_does_not(tmp_path
     daemon.process([record(i) for i in range(5)])
     assert seen == [True]
     assert not daemon.is_healthy()  # the emit returned, and the loop has not turned for an hour
+
+
+def test_a_partition_that_stops_moving_with_records_waiting_is_logged(
+    daemon: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The soak's stall: Tansu answered every fetch without records while the lag grew; the
+    # daemon stayed ready and said nothing. An idle partition (lag 0) is not stalled.
+    from kafka.structs import TopicPartition
+
+    tp = TopicPartition("metrics", 0)
+    with caplog.at_level(logging.INFO, logger="detector.service"):
+        daemon._watch_progress(tp, 100, 0, now=0.0)
+        daemon._watch_progress(tp, 100, 0, now=500.0)  # idle: nothing to read
+        daemon._watch_progress(tp, 100, 5, now=510.0)
+        daemon._watch_progress(tp, 100, 900, now=559.0)
+        assert not caplog.records
+        daemon._watch_progress(tp, 100, 1000, now=561.0)  # 61 s since the last time it had nothing to read
+        daemon._watch_progress(tp, 100, 1200, now=600.0)  # warned once
+        daemon._watch_progress(tp, 150, 1100, now=601.0)
+    warning, resumed = caplog.records
+    assert warning.levelno == logging.WARNING
+    message = warning.getMessage()
+    assert "metrics[0]: no record consumed for 61 s although 1000 record(s) wait past offset 100" in message
+    assert resumed.getMessage() == "metrics[0]: consuming again, from offset 150"
