@@ -31,6 +31,7 @@ from test_pipeline import (  # noqa: F401 (checkpoint is a fixture)
 )
 from test_service import STREAM as SERVICE_STREAM
 from test_service import FakeConsumer, write
+from test_window import IDENTITY, make_batch
 
 from detector.config import Scoring, load_config
 from detector.model import Checkpoint, save_checkpoint
@@ -38,18 +39,7 @@ from detector.pipeline import Pipeline
 from detector.service import Daemon
 from detector.source import SampleBatch
 from detector.train import fit
-from detector.window import Scaler, WindowStore
-
-IDENTITY = Scaler(np.zeros(2, np.float32), np.ones(2, np.float32))
-
-
-def make_batch(entities: list[str], times: list[int], values: np.ndarray) -> SampleBatch:
-    return SampleBatch(
-        entities=list(entities),
-        timestamps=np.asarray(times, np.int64),
-        values=np.asarray(values, np.float32).reshape(len(entities), -1),
-        positions=np.arange(len(entities), dtype=np.int64),
-    )
+from detector.window import WindowStore
 
 
 def reference(entities, times, values, size, stride, idle, drop):
