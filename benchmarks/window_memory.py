@@ -5,9 +5,13 @@ everything, notes its RSS, creates a `WindowStore` (W=64, D=1, stride 1, global 
 pushes one record per entity (in batches of `--batch` records), then `--rounds` more
 rounds of one record per entity, and measures:
 
-- numpy bytes: `nbytes` of every array the store holds (allocated capacity, not only used slots);
-- python bytes: the entity → slot dict, the slot → entity list and the entity strings
-  (`sys.getsizeof`), the part of the state numpy does not hold;
+- numpy bytes: `nbytes` of every array the store holds (allocated capacity, not only used slots;
+  never-touched capacity is zero pages mapped lazily, so it costs address space, not RSS), and
+  the same per slot (what one more entity costs);
+- python bytes: the part of the state numpy does not hold: the entity → slot dict, the slot →
+  entity list, the entity strings, the slot ints (one int object per entity above 256), the
+  free list and the side dicts (re-fitted centres, timestamp steps beyond int32), by
+  `sys.getsizeof`, each object rounded up to the allocator's 8 bytes;
 - RSS growth: RSS after the pushes minus RSS after the imports, and the peak RSS
   (VmHWM, which includes the transient copies while the arrays grow).
 
@@ -59,17 +63,28 @@ def child(n: int, w: int, d: int, batch: int, rounds: int) -> dict[str, float]:
     rss1 = rss_bytes()
     arrays = [v for v in vars(store).values() if isinstance(v, np.ndarray)]
     numpy_bytes = sum(a.nbytes for a in arrays)
+    capacity = len(store._count)
+
+    def size(obj: object) -> int:  # what the allocator hands out for a small object
+        return -(-sys.getsizeof(obj) // 8) * 8
+
     python_bytes = (
-        sys.getsizeof(store.slot_of) + sys.getsizeof(store.entity_of) + sum(sys.getsizeof(e) for e in store.entity_of)
+        sys.getsizeof(store.slot_of)
+        + sys.getsizeof(store.entity_of)
+        + sum(size(e) for e in store.entity_of)
+        # Ints up to 256 are shared singletons; every other slot number is its own object.
+        + sum(size(slot) for slot in store.slot_of.values() if slot > 256)
+        + sys.getsizeof(store._free)
+        + sum(size(d) for d in (store._recentred, store._wide_steps, *store._wide_steps.values()))
     )
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-    capacity = len(store._count)
     per_array = {name: v.nbytes / n for name, v in vars(store).items() if isinstance(v, np.ndarray)}
     return {
         "n": n,
         "capacity": capacity,
         "numpy": numpy_bytes,
+        "numpy_per_slot": numpy_bytes / capacity,
         "python": python_bytes,
         "rss_growth": rss1 - rss0,
         "rss": rss1,
@@ -130,6 +145,7 @@ def main() -> None:
                 n,
                 r["capacity"],
                 r["numpy"] / n,
+                r["numpy_per_slot"],
                 r["python"] / n,
                 (r["numpy"] + r["python"]) / n,
                 (r["numpy"] + r["python"]) / n / raw,
@@ -146,6 +162,7 @@ def main() -> None:
             "entities",
             "slots allocated",
             "numpy B/entity",
+            "numpy B/slot",
             "python B/entity",
             "state B/entity",
             "x raw",

@@ -27,6 +27,18 @@ Kafka partitions read at different paces during a catch-up, or a file that puts 
 different periods one after the other. Keep the setting well above such skew (and above the
 longest normal silence of an entity). Replay and Kafka agree whenever they see the records in
 the same order (one partition, or a file written in consumption order).
+
+Timestamps (memory): a window's `start_ms` is the timestamp of its oldest sample, so every
+sample's timestamp must be kept while it is in the ring. Each ring cell holds, as int32, the
+*step* from the entity's previous sample to this one (milliseconds; negative for a sample
+older than the previous one, kept when `drop_out_of_order` is False), and each slot keeps the
+exact int64 timestamp of its latest sample (`_tail_ms`); a start is the tail minus the steps
+after it. That is a quarter of an int64 ring's bytes, and exact for any cadence whose steps
+stay within ±24.8 days (2**31 - 1 ms), daily or weekly series included, where offsets against
+one base would overflow across a 64-day window. A larger step (a silence longer than that, or
+a step back as large) is stored exactly too: its cell holds a marker and the step itself goes
+to a small per-slot dict, read only when a window spans it. Appended values and the start and
+end timestamps of the windows are the same as with int64 timestamps, whatever the steps.
 """
 
 from __future__ import annotations
@@ -163,6 +175,10 @@ class Evicted:
 
 
 _NO_TIME = np.iinfo(np.int64).min
+# Steps between consecutive samples that fit the int32 ring; the one int32 left out marks a
+# cell whose step is in `_wide_steps` instead.
+_STEP_MAX = np.iinfo(np.int32).max
+_WIDE_STEP = np.iinfo(np.int32).min
 
 
 class WindowStore:
@@ -189,9 +205,12 @@ class WindowStore:
         self.entity_of: list[str] = []
         capacity = max(capacity, 1)
         self._values = np.zeros((capacity, size, n_features), np.float32)
-        self._times = np.zeros((capacity, size), np.int64)
+        # Timestamps as steps from the previous sample, and the latest sample's (module docstring).
+        self._steps = np.zeros((capacity, size), np.int32)
+        self._tail_ms = np.zeros(capacity, np.int64)
+        self._wide_steps: dict[int, dict[int, int]] = {}  # slot -> {ring cell: step beyond int32}
         self._count = np.zeros(capacity, np.int64)  # samples ever appended
-        self._last_ms = np.full(capacity, np.iinfo(np.int64).min, np.int64)
+        self._last_ms = np.full(capacity, _NO_TIME, np.int64)  # newest timestamp (the max, not the latest)
         self._center = np.zeros((capacity, n_features), np.float32)
         self._scale = np.ones((capacity, n_features), np.float32)
         # Centres re-fitted after a regime change (`recentre`), by entity: a new scaler keeps them.
@@ -252,13 +271,16 @@ class WindowStore:
         if self._free:
             slot = self._free.pop()
             self.entity_of[slot] = entity
-            self._count[slot] = 0
-            self._last_ms[slot] = _NO_TIME
+            self._wide_steps.pop(slot, None)
         else:
             slot = len(self.entity_of)
             if slot == len(self._count):
-                self._grow(2 * slot)
+                self._grow(slot + max(slot // 2, 1))
             self.entity_of.append(entity)
+        # A grown slot is all zeros and a reused one holds its previous entity's state; with no
+        # samples, none of its ring or tail is ever read.
+        self._count[slot] = 0
+        self._last_ms[slot] = _NO_TIME
         self.slot_of[entity] = slot
         self._live[slot] = True
         self._center[slot], self._scale[slot] = self.scaler.params_for(entity)
@@ -267,18 +289,24 @@ class WindowStore:
         return slot
 
     def _grow(self, capacity: int) -> None:
-        def grown(a: np.ndarray, fill: int | float) -> np.ndarray:
-            out = np.full((capacity, *a.shape[1:]), fill, a.dtype)
+        # Zeroed memory (calloc) is mapped lazily: the capacity not used yet costs address space,
+        # not RSS, unlike a fill value that writes every page (`_new_slot` initializes a slot).
+        # Growing one array at a time keeps one old copy alive at most (the peak is the state
+        # plus the old values array); growing by half, not double, leaves at most a third of
+        # the allocation unused.
+        def grown(a: np.ndarray) -> np.ndarray:
+            out = np.zeros((capacity, *a.shape[1:]), a.dtype)
             out[: len(a)] = a
             return out
 
-        self._values = grown(self._values, 0.0)
-        self._times = grown(self._times, 0)
-        self._count = grown(self._count, 0)
-        self._last_ms = grown(self._last_ms, np.iinfo(np.int64).min)
-        self._center = grown(self._center, 0.0)
-        self._scale = grown(self._scale, 1.0)
-        self._live = grown(self._live, False)
+        self._values = grown(self._values)
+        self._steps = grown(self._steps)
+        self._tail_ms = grown(self._tail_ms)
+        self._count = grown(self._count)
+        self._last_ms = grown(self._last_ms)
+        self._center = grown(self._center)
+        self._scale = grown(self._scale)
+        self._live = grown(self._live)
 
     def append(self, batch: SampleBatch, drop_out_of_order: bool = True) -> tuple[ReadyWindows, np.ndarray]:
         """Append a batch; return the windows it made due and the rows rejected as out of order.
@@ -352,6 +380,15 @@ class WindowStore:
         if due.any():
             ready = self._gather(batch, order, s_slots, group_start, rank, before, due)
 
+        # Each sample's step from the entity's previous one (the tail, for the group's first);
+        # an entity's first sample ever has none, and its step is never read.
+        s_times = batch.timestamps[order]
+        previous = np.empty(n, np.int64)
+        previous[1:] = s_times[:-1]
+        previous[first] = self._tail_ms[s_slots[first]]
+        steps = s_times - previous
+        steps[first & (before == 0)] = 0
+
         # Write the new samples into the rings. Only the last `w` of each group survive,
         # and writing only those keeps every target cell unique.
         group_len = np.bincount(np.cumsum(first) - 1)[np.cumsum(first) - 1]
@@ -359,13 +396,33 @@ class WindowStore:
         cells = seq[keep] % w
         rows = order[keep]
         self._values[s_slots[keep], cells] = batch.values[rows]
-        self._times[s_slots[keep], cells] = batch.timestamps[rows]
+        self._write_steps(s_slots[keep], cells, steps[keep])
         last = np.flatnonzero(np.r_[first[1:], True])  # last sample of each group
         self._count[s_slots[last]] += rank[last] + 1
-        self._last_ms[s_slots[last]] = np.maximum(
-            self._last_ms[s_slots[last]], _group_max(batch.timestamps[order], first)
-        )
+        self._tail_ms[s_slots[last]] = s_times[last]
+        self._last_ms[s_slots[last]] = np.maximum(self._last_ms[s_slots[last]], _group_max(s_times, first))
         return ready
+
+    def _write_steps(self, slots: np.ndarray, cells: np.ndarray, steps: np.ndarray) -> None:
+        """Store `steps` (int64) in the ring cells; one beyond int32 goes to `_wide_steps`.
+
+        Shape:
+            slots, cells, steps: (K,), each (slot, cell) at most once
+        """
+        if self._wide_steps:
+            # A cell overwritten forgets its wide step (rare: only slots that have one loop).
+            hit = np.flatnonzero(np.isin(slots, np.fromiter(self._wide_steps, np.int64)))
+            for slot, cell in zip(slots[hit].tolist(), cells[hit].tolist(), strict=True):
+                wide = self._wide_steps.get(slot)
+                if wide is not None:
+                    wide.pop(cell, None)
+                    if not wide:
+                        del self._wide_steps[slot]
+        beyond = (steps > _STEP_MAX) | (steps <= _WIDE_STEP)
+        self._steps[slots, cells] = np.where(beyond, _WIDE_STEP, steps)
+        beyond_steps = zip(slots[beyond].tolist(), cells[beyond].tolist(), steps[beyond].tolist(), strict=True)
+        for slot, cell, step in beyond_steps:
+            self._wide_steps.setdefault(slot, {})[cell] = step
 
     def _gather(
         self,
@@ -391,9 +448,16 @@ class WindowStore:
         ring_values = self._values[slot[:, None], ring_cell]
         new_values = batch.values[order[batch_pos]]
         values = np.where(from_ring[..., None], ring_values, new_values)
-        start_ms = np.where(
-            from_ring[:, 0], self._times[slot, ring_cell[:, 0]], batch.timestamps[order[batch_pos[:, 0]]]
-        )
+        # A window starting in the ring: the ring cells after its start (columns 1 on, up to the
+        # ring's end) hold the steps from its start to the entity's latest sample before this
+        # batch, the tail. (Rows starting in the batch sum harmless cells, then take the batch's.)
+        after_start = from_ring[:, 1:]
+        steps = self._steps[slot[:, None], ring_cell[:, 1:]]
+        to_tail = (steps * after_start).sum(axis=1, dtype=np.int64)  # 2x faster than sum(where=)
+        if self._wide_steps:
+            for i, j in np.argwhere(after_start & (steps == _WIDE_STEP)).tolist():
+                to_tail[i] += self._wide_steps[int(slot[i])][int(ring_cell[i, j + 1])] - _WIDE_STEP
+        start_ms = np.where(from_ring[:, 0], self._tail_ms[slot] - to_tail, batch.timestamps[order[batch_pos[:, 0]]])
         rows = order[due]
         values = (values - self._center[slot][:, None, :]) / self._scale[slot][:, None, :]
         # A finite but absurd reading (1e20 from a broken exporter) would overflow the squared

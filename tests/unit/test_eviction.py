@@ -47,6 +47,7 @@ def reference(entities, times, values, size, stride, idle, drop):
     timestamp seen so far is forgotten, and comes back as new. Each eviction is placed after
     the row that moved the clock past the entity's deadline and after the entity's last row."""
     buffers: dict[str, deque] = {}
+    stamps: dict[str, deque] = {}  # the timestamps of the samples in `buffers`
     seen: dict[str, int] = {}
     newest: dict[str, int] = {}
     last_row: dict[str, int] = {}
@@ -58,7 +59,7 @@ def reference(entities, times, values, size, stride, idle, drop):
         last = newest.pop(entity)
         passed = int(np.searchsorted(clock_after, last + idle, side="right"))
         evictions.append((entity, last, max(passed, last_row.pop(entity)) + 1))
-        del buffers[entity], seen[entity]
+        del buffers[entity], seen[entity], stamps[entity]
 
     for row, (entity, t, value) in enumerate(zip(entities, times, values, strict=True)):
         if entity in newest and clock - newest[entity] > idle:
@@ -68,10 +69,11 @@ def reference(entities, times, values, size, stride, idle, drop):
             rejected.append(row)
         else:
             buffers.setdefault(entity, deque(maxlen=size)).append(value)
+            stamps.setdefault(entity, deque(maxlen=size)).append(t)
             seen[entity] = seen.get(entity, 0) + 1
             newest[entity] = max(newest.get(entity, t), t)
             if seen[entity] >= size and (seen[entity] - size) % stride == 0:
-                windows.append((row, np.array(buffers[entity])))
+                windows.append((row, stamps[entity][0], np.array(buffers[entity])))
         clock = t if clock is None else max(clock, t)
     for entity in [e for e, last in newest.items() if clock - last > idle]:
         evict(entity)
@@ -83,13 +85,14 @@ def churning_streams(draw):
     n = draw(st.integers(1, 150))
     n_entities = draw(st.integers(1, 6))
     entities = [f"e{draw(st.integers(0, n_entities - 1))}" for _ in range(n)]
-    # Mostly small steps, some long silences, some steps back (late samples).
-    steps = draw(st.lists(st.sampled_from([0, 1, 1, 2, 3, 40, -4]), min_size=n, max_size=n))
+    # Mostly small steps, some long silences, some steps back (late samples), and silences
+    # beyond int32 milliseconds (with the longest idle setting, an entity survives them).
+    steps = draw(st.lists(st.sampled_from([0, 1, 1, 2, 3, 40, -4, 2**31, 2**33, -(2**32)]), min_size=n, max_size=n))
     times = np.maximum(np.cumsum(steps), 0).tolist()
     values = np.arange(2 * n, dtype=np.float32).reshape(n, 2)
     size = draw(st.integers(2, 6))
     stride = draw(st.integers(1, 3))
-    idle = draw(st.sampled_from([0, 5, 20, 60]))
+    idle = draw(st.sampled_from([0, 5, 20, 60, 2**40]))
     drop = draw(st.booleans())
     cuts = sorted(draw(st.lists(st.integers(0, n), max_size=6)))
     return entities, times, values, size, stride, idle, drop, cuts
@@ -100,20 +103,25 @@ def churning_streams(draw):
 def test_eviction_matches_reference_for_any_batching(case) -> None:
     entities, times, values, size, stride, idle, drop, cuts = case
     store = WindowStore(size, stride, 2, IDENTITY, capacity=1, idle_evict_ms=idle)
-    got_rows, got_windows, got_rejected, got_evictions = [], [], [], []
+    got_rows, got_starts, got_ends, got_windows, got_rejected, got_evictions = [], [], [], [], [], []
     for lo, hi in itertools.pairwise([0, *cuts, len(entities)]):
         if lo == hi:
             continue
         ready, late = store.append(make_batch(entities[lo:hi], times[lo:hi], values[lo:hi]), drop)
         got_rows.extend((ready.rows + lo).tolist())
+        got_starts.extend(ready.start_ms.tolist())
+        got_ends.extend(ready.end_ms.tolist())
         got_windows.extend(ready.values)
         got_rejected.extend((late + lo).tolist())
         got_evictions.extend(
             zip(store.evicted.entities, store.evicted.last_ms.tolist(), (store.evicted.rows + lo).tolist(), strict=True)
         )
     windows, rejected, evictions, live = reference(entities, times, values, size, stride, idle, drop)
-    assert got_rows == [row for row, _ in windows]
-    for got, (_, want) in zip(got_windows, windows, strict=True):
+    assert got_rows == [row for row, _, _ in windows]
+    # A reused slot's timestamps start afresh: the windows' start and end times are exact.
+    assert got_starts == [start for _, start, _ in windows]
+    assert got_ends == [times[row] for row, _, _ in windows]
+    for got, (_, _, want) in zip(got_windows, windows, strict=True):
         np.testing.assert_array_equal(got, want)
     assert got_rejected == rejected
     assert sorted(got_evictions) == evictions
@@ -124,13 +132,15 @@ def test_evicted_slots_are_reused_so_memory_stays_bounded() -> None:
     store = WindowStore(4, 1, 2, IDENTITY, capacity=8, idle_evict_ms=1000)
     # 50 cohorts of 8 entities, one batch each: a cohort is idle once the next one arrives, and
     # its slots are free for the one after.
+    capacity = []
     for generation in range(50):
         names = [f"g{generation}-{i}" for i in range(8)]
         store.append(make_batch(names, [generation * 2000] * 8, np.zeros((8, 2))))
         assert len(store.evicted) == (8 if generation else 0)
+        capacity.append(len(store._count))
     assert len(store.entity_of) == 16  # two cohorts' worth of slots, never more
     assert len(store) == 8
-    assert len(store._count) == 16
+    assert capacity[1] >= 16 and set(capacity[1:]) == {capacity[1]}  # grown once, then never again
 
 
 def test_no_eviction_without_idle_setting() -> None:

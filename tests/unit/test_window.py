@@ -23,17 +23,23 @@ def make_batch(entities: list[str], times: list[int], values: np.ndarray) -> Sam
     )
 
 
-def reference_windows(entities, values, size, stride):
-    """(row, window) for every due window, with deques: the obvious implementation."""
+def reference_windows(entities, times, values, size, stride):
+    """(row, start_ms, window) for every due window, with deques: the obvious implementation."""
     buffers: dict[str, deque] = defaultdict(lambda: deque(maxlen=size))
     seen: dict[str, int] = defaultdict(int)
     out = []
-    for row, (entity, value) in enumerate(zip(entities, values, strict=True)):
-        buffers[entity].append(value)
+    for row, (entity, t, value) in enumerate(zip(entities, times, values, strict=True)):
+        buffers[entity].append((t, value))
         seen[entity] += 1
         if seen[entity] >= size and (seen[entity] - size) % stride == 0:
-            out.append((row, np.array(buffers[entity])))
+            out.append((row, buffers[entity][0][0], np.array([v for _, v in buffers[entity]])))
     return out
+
+
+DAY_MS = 86_400_000
+# Steps between timestamps beyond what ordinary cadences make: the edges of the int32 steps the
+# store keeps (±24.8 days), silences of weeks and years, steps back as large.
+HUGE_STEPS = [2**31 - 1, 2**31, 40 * DAY_MS, 2**40, -(2**31) + 1, -(2**31), -(2**31) - 1, -(2**40)]
 
 
 @st.composite
@@ -41,36 +47,71 @@ def streams(draw):
     n = draw(st.integers(1, 120))
     n_entities = draw(st.integers(1, 5))
     entities = [f"e{draw(st.integers(0, n_entities - 1))}" for _ in range(n)]
+    # The stream's timestamps: mostly ordinary steps (ms to a week, some steps back), some huge.
+    ordinary = st.one_of(st.integers(-5, 120_000), st.sampled_from([60_000, DAY_MS, 7 * DAY_MS]))
+    steps = draw(st.lists(st.one_of(ordinary, ordinary, st.sampled_from(HUGE_STEPS)), min_size=n, max_size=n))
+    start = draw(st.one_of(st.just(1_700_000_000_000), st.integers(-(2**50), 2**50)))
+    times = (start + np.cumsum(steps)).tolist()
     values = np.arange(2 * n, dtype=np.float32).reshape(n, 2)
     size = draw(st.integers(2, 12))
     stride = draw(st.integers(1, 5))
     cuts = sorted(draw(st.lists(st.integers(0, n), max_size=6)))
-    return entities, values, size, stride, cuts
+    return entities, times, values, size, stride, cuts
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(streams())
 def test_windows_match_reference_for_any_batching(case) -> None:
-    entities, values, size, stride, cuts = case
+    # Samples are kept in arrival order (`drop_out_of_order=False`), so steps back stay in the
+    # windows; window values and start/end timestamps are exact whatever the steps.
+    entities, times, values, size, stride, cuts = case
     store = WindowStore(size, stride, 2, IDENTITY, capacity=1)
-    got_rows, got_windows = [], []
+    got_rows, got_starts, got_ends, got_windows = [], [], [], []
     bounds = [0, *cuts, len(entities)]
     for lo, hi in itertools.pairwise(bounds):
         if lo == hi:
             continue
-        batch = make_batch(entities[lo:hi], list(range(lo, hi)), values[lo:hi])
-        ready, late = store.append(batch)
+        batch = make_batch(entities[lo:hi], times[lo:hi], values[lo:hi])
+        ready, late = store.append(batch, drop_out_of_order=False)
         assert len(late) == 0
         got_rows.extend((ready.rows + lo).tolist())
+        got_starts.extend(ready.start_ms.tolist())
+        got_ends.extend(ready.end_ms.tolist())
         got_windows.extend(ready.values)
-        # Timestamps are row numbers and column 0 is twice the row number, so the window's
-        # first value names the row its start timestamp must come from.
-        np.testing.assert_array_equal(ready.end_ms, ready.rows + lo)
-        np.testing.assert_array_equal(ready.start_ms, ready.values[:, 0, 0] / 2)
-    expected = reference_windows(entities, values, size, stride)
-    assert got_rows == [row for row, _ in expected]
-    for got, (_, want) in zip(got_windows, expected, strict=True):
+    expected = reference_windows(entities, times, values, size, stride)
+    assert got_rows == [row for row, _, _ in expected]
+    assert got_starts == [start for _, start, _ in expected]
+    assert got_ends == [times[row] for row, _, _ in expected]
+    for got, (_, _, want) in zip(got_windows, expected, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_silence_beyond_int32_milliseconds_is_exact_and_forgotten_once_out_of_the_ring() -> None:
+    # 30 days between two samples does not fit the int32 step ring: it is kept exactly on the
+    # side, while a window spans it, and dropped once the ring has moved past it.
+    store = WindowStore(3, 1, 2, IDENTITY)
+    t0, gap = 1_700_000_000_000, 30 * DAY_MS
+    times = [t0, t0 + 1, t0 + 1 + gap, t0 + 2 + gap, t0 + 3 + gap, t0 + 4 + gap]
+    starts = []
+    for t in times:
+        ready, _ = store.append(make_batch(["a"], [t], np.zeros((1, 2))))
+        starts.extend(ready.start_ms.tolist())
+        if t == times[0]:
+            assert not store._wide_steps  # a first sample has no step (not one from time 0)
+        if t == times[2]:
+            assert store._wide_steps  # the 30-day step, kept exactly
+    assert starts == times[:4]
+    assert not store._wide_steps
+
+
+def test_window_state_is_at_most_about_twice_the_raw_window() -> None:
+    # Per slot: the float32 values (W*D*4 bytes), int32 timestamp steps (W*4) and a few scalars.
+    # An int64 timestamp ring (W*8) would fail this.
+    w, d = 64, 1
+    store = WindowStore(w, 1, d, Scaler(np.zeros(d, np.float32), np.ones(d, np.float32)), capacity=100)
+    arrays = [a for a in vars(store).values() if isinstance(a, np.ndarray)]
+    per_slot = sum(a.nbytes for a in arrays) / 100
+    assert per_slot <= 2 * w * d * 4 + 40
 
 
 def test_out_of_order_samples_are_rejected_per_entity() -> None:
