@@ -1,7 +1,7 @@
 """Model throughput: windows/s of batched inference, and GFLOP/s against a measured matmul peak.
 
 Scores random windows with a freshly initialised (seeded) LSTM autoencoder through
-`detector.model.score_windows`, the call the pipeline makes (inference mode, padding to 16
+`detector.model.score_windows` and `detector.engine.OnnxScorer`, the calls the pipeline makes (padding to 16
 rows, numpy in and out), for each window size W, feature count D, hidden size H, batch size
 and thread count. The fp32 matmul peak is measured in the same run with the same threads.
 
@@ -33,6 +33,7 @@ import torch
 from _common import cpu_flags, footer, header, table
 
 from detector.config import ModelSpec
+from detector.engine import OnnxScorer
 from detector.model import RecurrentAutoencoder, score_windows
 
 LATENT = 16
@@ -99,11 +100,15 @@ def main() -> None:
         default="auto",
         help="auto: every row where the CPU has native bf16, else only the target rows (W=64 D=1 H=32 batch 256)",
     )
+    parser.add_argument(
+        "--engines", default="torch,onnxruntime", help="comma-separated: torch, onnxruntime (scoring.engine)"
+    )
     parser.add_argument("--seconds", type=float, default=0.3, help="least time per measurement (best of 3)")
     parser.add_argument("--mm-size", type=int, default=1024, help="matmul size for the peak")
     args = parser.parse_args()
 
     threads_list = [int(t) for t in args.threads.split(",")]
+    engines = args.engines.split(",")
     native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     bf16_mode = args.bf16
     if bf16_mode == "auto":
@@ -131,6 +136,7 @@ def main() -> None:
             "bf16": f"native={native_bf16} (avx512_bf16={'avx512_bf16' in flags}, amx_bf16={'amx_bf16' in flags}); "
             f"rows: {bf16_mode}" + ("" if native_bf16 else " -- EMULATED on this CPU, expect it to be slow"),
             "flops": "W*(8H(D+H) + 16H^2 + 2HD) + 4HL per window",
+            "engines": f"{engines} (scoring.engine; onnxruntime: the same weights as an ONNX graph)",
         },
     )
 
@@ -150,11 +156,16 @@ def main() -> None:
         want_bf16 = bf16_mode == "all" or (bf16_mode == "target" and (w, d, h, batch) == (*TARGET, TARGET_BATCH))
         for threads in threads_list:
             torch.set_num_threads(threads)
-            seconds = timed(lambda m=model, x=windows: score_windows(m, x, batch_size=1024), args.seconds)
-            wps = batch / seconds
-            gflops = wps * flops / 1e9
-            row = [w, d, h, batch, threads, "fp32", wps, gflops, 100 * gflops / peaks[threads], "", ""]
-            rows.append(row)
+            for engine in engines:
+                if engine == "torch":
+                    seconds = timed(lambda m=model, x=windows: score_windows(m, x, batch_size=1024), args.seconds)
+                else:
+                    scorer = OnnxScorer(model, w, 1024, threads)
+                    seconds = timed(lambda s=scorer, x=windows: s.score(x), args.seconds)
+                wps = batch / seconds
+                gflops = wps * flops / 1e9
+                row = [w, d, h, batch, threads, f"fp32 {engine}", wps, gflops, 100 * gflops / peaks[threads], "", ""]
+                rows.append(row)
             if want_bf16:
                 bf = build_model(d, h).to(torch.bfloat16)
                 bf.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})

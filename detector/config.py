@@ -9,6 +9,7 @@ in a string, validates the whole tree and raises one `ConfigError` listing every
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -546,7 +547,25 @@ class Stream(_Model):
 class Scoring(_Model):
     """How scoring uses the CPU."""
 
-    threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads; `null`: all cores")
+    engine: Literal["torch", "onnxruntime"] = Field(
+        "onnxruntime",
+        description="what runs the model: `torch`, or the same network and weights in ONNX Runtime (the "
+        "onnxruntime and onnx packages), 1.3-1.8x the windows/s here at hidden size 32 (docs/performance.md); "
+        "scores agree to float32 rounding. Training always uses torch",
+    )
+    threads: int | None = Field(
+        None, ge=1, le=256, description="intra-op threads of the scoring engine (and torch's); `null`: all cores"
+    )
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_installed(cls, engine: str) -> str:
+        if engine == "onnxruntime":
+            missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
+            if missing:
+                raise ValueError(f"onnxruntime needs the {' and '.join(missing)} package(s): install them or use torch")
+        return engine
+
     batch_windows: int = Field(
         256,
         ge=1,

@@ -393,7 +393,6 @@ class MachineRun:
 
 def run_machine(config_path: Path, data_dir: Path, name: str, batch_rows: int = 4096) -> MachineRun:
     """Train on the machine's train rows, fill the windows with them, and score the test rows."""
-    from detector.model import score_windows
     from detector.pipeline import Pipeline
     from detector.source import SampleBatch
     from detector.train import fit
@@ -439,7 +438,7 @@ def run_machine(config_path: Path, data_dir: Path, name: str, batch_rows: int = 
                 alert_top.append([index[f] for f, _ in alert.top_features])
         ready, _ = store.append(chunk)
         if len(ready):
-            check, per_feature = score_windows(ckpt.model, ready.values, last_steps=ckpt.model.spec.score_last_steps)
+            check, per_feature = pipeline.scorer.score(ready.values)
             if not np.allclose(check, result.score[ready.rows], rtol=1e-5, atol=1e-9):
                 raise AssertionError(f"{name}: per-feature pass disagrees with the pipeline's scores")
             top[start + ready.rows] = np.argsort(-per_feature, axis=1, kind="stable")[:, :TOP_K]

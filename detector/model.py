@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,10 +99,35 @@ def reconstruction_error(
 _PASS_ROWS = 16
 
 
+def score_in_passes(
+    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], windows: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Score windows with `run` (one forward pass: windows → per-window, per-feature errors) in
+    passes of at most `batch_size` rows, each padded with zero windows to a multiple of 16.
+
+    Shape:
+        windows: (R, W, D) float32, C-contiguous
+        returns: per-window (R,) float32, per-feature (R, D) float32
+    """
+    if len(windows) == 0:
+        return np.empty(0, np.float32), np.empty((0, windows.shape[2]), np.float32)
+    scores, features = [], []
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        n = len(chunk)
+        rows = -(-n // _PASS_ROWS) * _PASS_ROWS
+        if rows > n:
+            chunk = np.concatenate([chunk, np.zeros((rows - n, *chunk.shape[1:]), np.float32)])
+        s, f = run(chunk)
+        scores.append(s[:n])
+        features.append(f[:n])
+    return np.concatenate(scores), np.concatenate(features)
+
+
 def score_windows(
     model: nn.Module, windows: np.ndarray, batch_size: int = 1024, last_steps: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Score normalized windows in batches, in inference mode.
+    """Score normalized windows with torch in batches, in inference mode.
 
     A window's score does not depend on the other windows scored with it (forward passes are
     padded to a multiple of 16 rows), so any cut of the same windows into calls gives the
@@ -111,21 +137,13 @@ def score_windows(
         windows: (R, W, D) float32
         returns: per-window (R,) float32, per-feature (R, D) float32
     """
-    if len(windows) == 0:
-        return np.empty(0, np.float32), np.empty((0, windows.shape[2]), np.float32)
-    scores, features = [], []
+
+    def run(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s, f = reconstruction_error(model, torch.from_numpy(chunk), last_steps)
+        return s.numpy(), f.numpy()
+
     with torch.inference_mode():
-        tensor = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
-        for start in range(0, len(tensor), batch_size):
-            chunk = tensor[start : start + batch_size]
-            rows = -(-len(chunk) // _PASS_ROWS) * _PASS_ROWS
-            if rows > len(chunk):
-                chunk = torch.cat([chunk, chunk.new_zeros((rows - len(chunk), *chunk.shape[1:]))])
-            s, f = reconstruction_error(model, chunk, last_steps)
-            n = min(batch_size, len(tensor) - start)
-            scores.append(s[:n].numpy())
-            features.append(f[:n].numpy())
-    return np.concatenate(scores), np.concatenate(features)
+        return score_in_passes(run, np.ascontiguousarray(windows, dtype=np.float32), batch_size)
 
 
 # --- checkpoints ---------------------------------------------------------------------------

@@ -25,8 +25,9 @@ import torch
 from detector.alerts import Alert, AlertPolicy
 from detector.config import Scoring, Stream
 from detector.drift import ScoreDrift
+from detector.engine import make_scorer
 from detector.metrics import Metrics
-from detector.model import Checkpoint, check_layout, score_windows
+from detector.model import Checkpoint, check_layout
 from detector.retrain import Retrainer, TrainingProcess
 from detector.source import Rejection, SampleBatch
 from detector.store import CheckpointStore
@@ -109,6 +110,7 @@ class Pipeline:
         if stream.retraining.enabled:
             self.retrainer = Retrainer(name, stream, len(checkpoint.features), trainer, metrics, model_store)
         self.drift = ScoreDrift(checkpoint.errors.sorted_errors)
+        self.scorer = make_scorer(checkpoint.model, stream.window.size, self.scoring)
 
     def reconfigure(self, stream: Stream) -> None:
         """Take new thresholds and alert policy. Windows are kept; so is the alert state (an
@@ -129,7 +131,9 @@ class Pipeline:
         nothing, when the checkpoint's features or window size do not fit the stream.
         """
         check_layout(checkpoint, self.stream, f"version {checkpoint.version}")
+        scorer = make_scorer(checkpoint.model, self.stream.window.size, self.scoring)
         self.checkpoint = checkpoint
+        self.scorer = scorer
         self.windows.rescale(checkpoint.scaler)
         self.rules = SeverityRules(self.stream.thresholds, checkpoint.errors)
         self.baselines.refit(checkpoint.errors)
@@ -165,10 +169,7 @@ class Pipeline:
             alerts = self._forget(evicted, ready, alerts, mode)
             return BatchResult(score, threshold, severity, alert_ids, rejected, alerts, 0, len(evicted))
 
-        model = self.checkpoint.model
-        scores, per_feature = score_windows(
-            model, ready.values, self.scoring.batch_windows, model.spec.score_last_steps
-        )
+        scores, per_feature = self.scorer.score(ready.values)
         self.drift.add(scores)
         sev = self.baselines.apply(self.rules, ready.slots, scores)
         rows = ready.rows
