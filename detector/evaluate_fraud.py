@@ -2,34 +2,55 @@
 
 Data: `fraud/transactions_2018-07.csv.gz` (see ../shared/data/README.md), one row per card
 transaction with `timestamp, transaction_id, customer_id, terminal_id, amount, is_fraud,
-fraud_scenario`. The detector is unsupervised: `is_fraud` and `fraud_scenario` are read only
-to score the output, never to train, scale, threshold or build features.
+fraud_scenario`. The detector is unsupervised: its models never train on labels. Labels
+enter in one place only, and only with the config that asks for them: the *feedback*
+features below, which are built from `is_fraud` known `FEEDBACK_DELAY_DAYS` (7) late, as a
+card system learns of confirmed frauds. `fraud_scenario` is read only to score the output.
+
+Two configs, one choice (`detector evaluate fraud --config ...`):
+
+- `configs/transactions.yaml` (the default): with delayed fraud feedback. Its terminals
+  stream maps the `terminal_risk_*` features;
+- `configs/transactions-label-free.yaml`: the same detector without them; no label is used
+  anywhere.
+
+The report says which streams use feedback (`streams[...]["label_feedback"]`). Settings were
+chosen on a shifted split (`FraudSplit(7, 7, 0, 7)`: evaluate days 15-21), not on the test
+week; docs/results.md lists the variants.
 
 Protocol (the handbook's train / delay / test split, adapted to one month and to a detector
 that needs no labels):
 
 - days 1-7 (`warmup_days`): history only; the rolling feature windows and the per-entity
   model windows fill, nothing is trained or scored;
-- days 8-14 (`train_days`): the autoencoders train on these transactions, label-free;
+- days 8-14 (`train_days`): the autoencoders train on these transactions, with no label as
+  a target (with feedback, the inputs of these days carry the risk of days 1-7);
 - days 15-21 (`delay_days`): the handbook's delay period (labels of the last week are not
   known yet); here nothing trains on it either, it is scored but not evaluated, so the test
   starts from a warm detector;
 - days 22-28 (`test_days`): every transaction is scored and evaluated.
 
-Features (`transaction_features`) are the handbook's feature engineering, minus everything
-that needs labels: per customer, the amount, its log, the time since the customer's previous
-transaction, the number and mean amount of the customer's transactions over the last 1, 7
-and 30 days, and the amount relative to the customer's earlier mean; per terminal, the
-number and mean amount of its transactions over 1, 7 and 30 days. The handbook's terminal
-*risk* features count known frauds and are label-based, so they are left out. Every feature
-of a transaction depends only on transactions at or before it, so an upstream enrichment
-step can compute them online (keep per-customer and per-terminal 30-day histories); this
-evaluation precomputes them for the whole file in one vectorized pass.
+Label-free features (`transaction_features`): per customer, the amount, its log, the time
+since the customer's previous transaction, the number and mean amount of the customer's
+transactions over the last 1, 7 and 30 days, and the amount relative to the customer's
+earlier mean; per terminal, the number and mean amount of its transactions over 1, 7 and 30
+days. Every one depends only on transactions at or before it.
 
-Scoring: two streams of `configs/transactions.yaml` run through the daemon's `Pipeline`:
+Feedback features (`feedback_features`): the handbook's terminal risk, exactly as its
+`get_count_risk_rolling_window` defines it: for w in 1, 7, 30 days and delay d = 7 days,
+`terminal_risk_nb_tx_{w}d` counts the terminal's transactions in (t - d - w, t - d] and
+`terminal_risk_{w}d` is the share of them that are frauds (0 when there are none). Every
+value depends only on labels of transactions at least d older. They are what lets a
+detector see scenario 2 (a compromised terminal), which changes nothing else in the data.
+
+An upstream enrichment step computes all of these online (per-customer and per-terminal
+30-day histories, plus the confirmed frauds for the risk); the daemon expects them in the
+records. This evaluation precomputes them for the whole file in one vectorized pass.
+
+Scoring: every stream of the config runs through the daemon's `Pipeline`; both configs have
 `customers` (entity = customer, the last few transactions of the card) and `terminals`
 (entity = terminal). Each gives a ratio r = score / warning threshold per transaction; the
-transaction's score is max(r_customers, r_terminals), i.e. "either stream would alert". A
+transaction's score is the max over the streams, i.e. "either stream would alert". A
 transaction whose entity has not filled a window yet gets r = 0 from that stream.
 
 Metrics, as in the handbook: AUC-ROC and average precision over the test transactions, and
@@ -66,6 +87,12 @@ CUSTOMER_STREAM = "customers"
 TERMINAL_STREAM = "terminals"
 DATA_FILE = Path("fraud/transactions_2018-07.csv.gz")
 CARD_PRECISION_K = 100
+# The handbook's delay before a fraud label is known (chargebacks, investigations).
+FEEDBACK_DELAY_DAYS = 7
+# The features built from fraud labels (`feedback_features`); a stream that maps none is label-free.
+FEEDBACK_FEATURES = frozenset(
+    f"terminal_risk{kind}_{days}d" for kind in ("", "_nb_tx") for days in FEATURE_WINDOWS_DAYS
+)
 
 # Published on this simulator (AUC-ROC, average precision, card precision@100), from the data README.
 PUBLISHED = {
@@ -197,6 +224,47 @@ def previous_gap_s(entity: np.ndarray, timestamp_s: np.ndarray, default_s: float
         gap[1:][same] = (t[1:] - t[:-1])[same]
     out = np.empty(n, np.float64)
     out[order] = gap
+    return out
+
+
+def delayed_fraud_risk(
+    entity: np.ndarray, timestamp_s: np.ndarray, is_fraud: np.ndarray, delay_s: int, window_s: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The handbook's delayed risk (`get_count_risk_rolling_window`): for each row at time t,
+    the number of the entity's rows in (t - delay_s - window_s, t - delay_s] and the fraction
+    of them that are fraudulent (0 when there are none).
+
+    Every value depends only on labels of rows at least `delay_s` older than the row: confirmed
+    frauds (chargebacks) arrive with that delay. Two rolling windows, (t - delay - window, t]
+    and (t - delay, t], share their right edge, so their difference is the delayed window.
+
+    Shape:
+        entity, timestamp_s, is_fraud: (N,); returns count (N,) int64, risk (N,) float64
+    """
+    recent_count, recent_frauds = rolling_count_sum(entity, timestamp_s, is_fraud, delay_s)
+    all_count, all_frauds = rolling_count_sum(entity, timestamp_s, is_fraud, delay_s + window_s)
+    count = all_count - recent_count
+    frauds = all_frauds - recent_frauds
+    risk = np.divide(frauds, count, out=np.zeros(len(count)), where=count > 0)
+    return count, risk
+
+
+def feedback_features(tx: Transactions, delay_days: int = FEEDBACK_DELAY_DAYS) -> dict[str, np.ndarray]:
+    """The handbook's terminal risk features, built from fraud labels known `delay_days` late.
+
+    Per window w of `FEATURE_WINDOWS_DAYS`: `terminal_risk_nb_tx_{w}d`, the terminal's
+    transactions in (t - delay - w, t - delay], and `terminal_risk_{w}d`, the fraction of them
+    that are confirmed frauds (see `delayed_fraud_risk`). They need label feedback, so they
+    are kept apart from the label-free `transaction_features`.
+
+    Shape:
+        returns: name -> (N,) float64, in `tx` order
+    """
+    out: dict[str, np.ndarray] = {}
+    for days in FEATURE_WINDOWS_DAYS:
+        count, risk = delayed_fraud_risk(tx.terminal, tx.timestamp_s, tx.is_fraud, delay_days * DAY_S, days * DAY_S)
+        out[f"terminal_risk_nb_tx_{days}d"] = count.astype(np.float64)
+        out[f"terminal_risk_{days}d"] = risk
     return out
 
 
@@ -344,8 +412,9 @@ class FraudReport:
     frauds_by_scenario: dict[str, int]
     results: dict[str, MetricSet]
     card_precision_per_day: list[float]
-    streams: dict[str, dict[str, float]]
+    streams: dict[str, dict[str, float | bool]]
     seconds: float
+    feedback_delay_days: int = FEEDBACK_DELAY_DAYS
 
 
 def period_bounds(tx: Transactions, split: FraudSplit) -> dict[str, tuple[int, int]]:
@@ -398,11 +467,32 @@ def metric_set(tx: Transactions, day: np.ndarray, scores: np.ndarray) -> tuple[M
     return MetricSet(auc_roc(tx.is_fraud, scores), average_precision(tx.is_fraud, scores), cp, by_scenario), per_day
 
 
+def stream_entity(name: str, stream: Stream, tx: Transactions) -> np.ndarray:
+    """The entity column of a stream: `customer_id` or `terminal_id` (one of them, alone)."""
+    columns = {"customer_id": tx.customer, "terminal_id": tx.terminal}
+    if len(stream.mapping.entity) != 1 or stream.mapping.entity[0] not in columns:
+        raise InputError(f"stream {name!r}: mapping.entity must be [customer_id] or [terminal_id]")
+    return columns[stream.mapping.entity[0]]
+
+
 def evaluate_fraud(
-    data_dir: Path, config_path: Path, out: Path, split: FraudSplit | None = None, data_file: Path | None = None
+    data_dir: Path,
+    config_path: Path,
+    out: Path,
+    split: FraudSplit | None = None,
+    data_file: Path | None = None,
+    feedback_delay_days: int = FEEDBACK_DELAY_DAYS,
 ) -> FraudReport:
-    """Run the whole protocol and return the report (see the module doc)."""
+    """Run the whole protocol and return the report (see the module doc).
+
+    Every stream of the config is scored; `combined` is the max over all of them. A stream
+    may map the feedback features (`feedback_features`, fraud labels known
+    `feedback_delay_days` late); the report marks which streams do (`label_feedback`).
+    """
     started = time.monotonic()
+    if feedback_delay_days < 1:
+        # With no delay a transaction's risk would count its own label.
+        raise InputError(f"feedback_delay_days must be at least 1, got {feedback_delay_days}")
     split = split or FraudSplit()
     config = load_config(config_path)
     missing = [s for s in (CUSTOMER_STREAM, TERMINAL_STREAM) if s not in config.streams]
@@ -411,30 +501,30 @@ def evaluate_fraud(
     path = data_file or data_dir / DATA_FILE
     tx = load_transactions(path)
     features = transaction_features(tx)
+    # Labels are read for features only when some stream asks for feedback.
+    mapped = {n for stream in config.streams.values() for n in stream.mapping.feature_names}
+    feedback = feedback_features(tx, feedback_delay_days) if mapped & FEEDBACK_FEATURES else {}
     bounds = period_bounds(tx, split)
     period = np.full(len(tx), 4, np.int8)
     for code, name in reversed(list(enumerate(("warmup", "train", "delay", "test")))):
         period[tx.timestamp_s < bounds[name][1]] = code
     if not (period == 3).any() or not (period == 1).any():
         raise InputError(f"{path}: the data covers no train or no test days for split {split}")
-    log.info("fraud: %d transactions; features: %s", len(tx), ", ".join(features))
+    log.info("fraud: %d transactions; features: %s", len(tx), ", ".join([*features, *feedback]))
 
     if config.scoring.threads is not None:
         torch.set_num_threads(config.scoring.threads)
     streams: dict[str, StreamScores] = {}
-    for name, entity in ((CUSTOMER_STREAM, tx.customer), (TERMINAL_STREAM, tx.terminal)):
-        stream = config.streams[name]
-        streams[name] = score_stream(name, stream, config, stream_samples(stream, tx, features, entity), period)
+    for name, stream in config.streams.items():
+        samples = stream_samples(stream, tx, features | feedback, stream_entity(name, stream, tx))
+        streams[name] = score_stream(name, stream, config, samples, period)
         log.info("fraud: stream %s trained and scored in %.1f s", name, streams[name].seconds)
 
     test = period == 3
     t = tx.take(test)
     day = (t.timestamp_s // DAY_S).astype(np.int64)
-    candidates = {
-        "combined": np.maximum(streams[CUSTOMER_STREAM].ratio, streams[TERMINAL_STREAM].ratio)[test],
-        CUSTOMER_STREAM: streams[CUSTOMER_STREAM].ratio[test],
-        TERMINAL_STREAM: streams[TERMINAL_STREAM].ratio[test],
-    }
+    candidates = {"combined": np.max([s.ratio for s in streams.values()], axis=0)[test]}
+    candidates |= {name: s.ratio[test] for name, s in streams.items()}
     results, per_day = {}, []
     for name, scores in candidates.items():
         results[name], days = metric_set(t, day, scores)
@@ -461,10 +551,12 @@ def evaluate_fraud(
                 "train_windows": s.train_windows,
                 "epochs": s.epochs,
                 "seconds": round(s.seconds, 1),
+                "label_feedback": bool(set(config.streams[n].mapping.feature_names) & FEEDBACK_FEATURES),
             }
             for n, s in streams.items()
         },
         seconds=time.monotonic() - started,
+        feedback_delay_days=feedback_delay_days,
     )
 
 
@@ -488,6 +580,9 @@ def print_fraud_report(report: FraudReport, file: TextIO | None = None) -> None:
         say(f"  {name:6s} {span}")
     say(f"test: {report.test_transactions} transactions, {report.test_frauds} frauds "
         f"(by scenario {report.frauds_by_scenario})")  # fmt: skip
+    feedback = [n for n, s in report.streams.items() if s["label_feedback"]]
+    say(f"label feedback (fraud labels known {report.feedback_delay_days} d late): "
+        + (f"streams {', '.join(feedback)}" if feedback else "none, label-free"))  # fmt: skip
     say()
     say(f"{'detector':34s} {'AUC-ROC':>8s} {'AP':>7s} {'CP@100':>7s}  AUC by scenario 1/2/3")
     for name, m in report.results.items():

@@ -4,6 +4,7 @@ and one end-to-end run on tiny synthetic transactions."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import math
 from pathlib import Path
@@ -14,13 +15,17 @@ import pytest
 from detector.config import load_config
 from detector.evaluate_fraud import (
     DAY_S,
+    FEEDBACK_FEATURES,
     FraudSplit,
     Transactions,
     auc_roc,
     average_precision,
     card_precision_at_k,
+    delayed_fraud_risk,
     evaluate_fraud,
+    feedback_features,
     load_transactions,
+    print_fraud_report,
     rolling_count_sum,
     transaction_features,
     write_fraud_report,
@@ -139,11 +144,61 @@ def test_features_depend_only_on_the_past() -> None:
         np.testing.assert_allclose(after[name][:4], before[name], err_msg=name)
 
 
+def test_delayed_fraud_risk_by_hand() -> None:
+    # Terminal 7 at days 0 (fraud), 0.5, 1 (fraud), 8, 8.5; terminal 9 at day 8 (no history).
+    day = DAY_S // 2
+    t = np.array([0, day, 2 * day, 16 * day, 16 * day, 17 * day])
+    terminal = np.array([7, 7, 7, 7, 9, 7])
+    fraud = np.array([1, 0, 1, 0, 0, 0])
+    count, risk = delayed_fraud_risk(terminal, t, fraud, 7 * DAY_S, DAY_S)
+    # Day 8: (day 0, day 1] holds 0.5 and 1 (day 0 is on the left edge): 1 fraud of 2.
+    # Day 8.5: (0.5, 1.5] holds day 1 only. The first days and terminal 9 see nothing: 0, not NaN.
+    np.testing.assert_array_equal(count, [0, 0, 0, 2, 0, 1])
+    np.testing.assert_allclose(risk, [0, 0, 0, 0.5, 0, 1])
+    count, risk = delayed_fraud_risk(terminal, t, fraud, 7 * DAY_S, 7 * DAY_S)
+    np.testing.assert_array_equal(count, [0, 0, 0, 3, 0, 3])
+    np.testing.assert_allclose(risk, [0, 0, 0, 2 / 3, 0, 2 / 3])
+
+
+def test_feedback_features_use_only_labels_older_than_the_delay() -> None:
+    # Relabel every transaction after a cut time T at random: a transaction at t <= T + 7 days
+    # only sees labels at or before t - 7 days <= T, so none of its features may change.
+    rng = np.random.default_rng(3)
+    n = 4000
+    tx = Transactions(
+        timestamp_s=np.sort(rng.integers(0, 40 * DAY_S, n)),
+        customer=rng.integers(0, 50, n),
+        terminal=rng.integers(0, 20, n),
+        amount=rng.uniform(1, 100, n),
+        is_fraud=(rng.random(n) < 0.2).astype(np.int8),
+        scenario=np.zeros(n, np.int8),
+    )
+    before = feedback_features(tx, delay_days=7)
+    assert set(before) == FEEDBACK_FEATURES == {f"terminal_risk{k}_{w}d" for k in ("", "_nb_tx") for w in (1, 7, 30)}
+    for cut_day in (5, 12.5, 20):
+        cut = int(cut_day * DAY_S)
+        relabeled = tx.take(np.arange(n))  # a copy
+        late = tx.timestamp_s > cut
+        relabeled.is_fraud[late] = 1 - relabeled.is_fraud[late]
+        after = feedback_features(relabeled, delay_days=7)
+        seen = tx.timestamp_s <= cut + 7 * DAY_S
+        for name in before:
+            np.testing.assert_array_equal(after[name][seen], before[name][seen], err_msg=name)
+        # The relabeling is visible once it is 7 days old: the check above could fail.
+        assert not np.array_equal(after["terminal_risk_7d"], before["terminal_risk_7d"])
+    # The counts of the risk windows do not depend on labels at all.
+    np.testing.assert_array_equal(after["terminal_risk_nb_tx_30d"], before["terminal_risk_nb_tx_30d"])
+
+
 def test_transactions_config_uses_known_features() -> None:
+    label_free, feedback = set(transaction_features(_table())), set(feedback_features(_table()))
     config = load_config(ROOT / "configs/transactions.yaml")
-    names = set(transaction_features(_table()))
     for stream in config.streams.values():
-        assert set(stream.mapping.feature_names) <= names
+        assert set(stream.mapping.feature_names) <= label_free | feedback
+    assert feedback <= set(config.streams["terminals"].mapping.feature_names)
+    config = load_config(ROOT / "configs/transactions-label-free.yaml")
+    for stream in config.streams.values():
+        assert set(stream.mapping.feature_names) <= label_free
 
 
 # --- end to end -------------------------------------------------------------------------
@@ -206,6 +261,7 @@ def test_end_to_end_on_tiny_synthetic_data(tmp_path: Path) -> None:
     assert report.test_transactions == 20 * 6
     assert report.test_frauds == 5
     assert set(report.results) == {"combined", "customers", "terminals"}
+    assert not any(s["label_feedback"] for s in report.streams.values())
     customers = report.results["customers"]
     # A 40x amount against the card's own history is the easiest fraud there is.
     assert customers.auc_roc > 0.9
@@ -215,3 +271,18 @@ def test_end_to_end_on_tiny_synthetic_data(tmp_path: Path) -> None:
     assert saved["results"]["combined"]["auc_roc"] == pytest.approx(report.results["combined"].auc_roc)
     with gzip.open(out / "scores.csv.gz", "rt") as f:
         assert sum(1 for _ in f) == 1 + 20 * 6
+
+
+def test_feedback_features_reach_the_streams_that_map_them(tmp_path: Path) -> None:
+    data = tmp_path / "tx.csv.gz"
+    _write_synthetic(data)
+    config = tmp_path / "transactions.yaml"
+    config.write_text(TINY_CONFIG.replace("[log_amount, terminal_nb_tx_1d]", "[log_amount, terminal_risk_1d]"))
+    report = evaluate_fraud(
+        tmp_path, config, tmp_path / "out", split=FraudSplit(1, 1, 1, 1), data_file=data, feedback_delay_days=1
+    )
+    assert report.streams["terminals"]["label_feedback"] is True
+    assert report.streams["customers"]["label_feedback"] is False
+    out = io.StringIO()
+    print_fraud_report(report, out)
+    assert "label feedback (fraud labels known 1 d late): streams terminals" in out.getvalue()
