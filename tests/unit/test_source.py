@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import math
 from datetime import UTC, datetime
@@ -551,6 +552,357 @@ def test_csv_strings_and_json_numbers_decode_alike(value: float, ts: int) -> Non
     from_json = dec.decode({"host": "a", "ts": ts, "cpu": value}, 1, 0)
     from_csv = dec.decode({"host": "a", "ts": str(ts), "cpu": repr(value)}, 1, 0)
     assert from_json == from_csv == ("a", ts, [value])
+
+
+# --- the fast path for flat records -------------------------------------------------------
+
+
+class GeneralOnly(RecordDecoder):
+    """The decoder with its fast path turned off: the reference that path must match."""
+
+    def _decode_flat(self, record: dict[str, Any], fallback_ts_ms: int) -> tuple[str, int, list[float]] | None:
+        return None
+
+
+class CountingDecoder(RecordDecoder):
+    """Counts the records that went the general way (`decode`)."""
+
+    general = 0
+
+    def decode(self, record: Any, position: int, fallback_ts_ms: int) -> tuple[str, int, list[float]] | Rejection:
+        self.general += 1
+        return super().decode(record, position, fallback_ts_ms)
+
+
+def same(a: tuple[str, int, list[float]] | Rejection, b: tuple[str, int, list[float]] | Rejection) -> bool:
+    """Equal down to the types and float bits: 1 == 1.0, 0.0 == -0.0 and nan != nan would hide
+    a difference (or invent one)."""
+    if isinstance(a, Rejection) or isinstance(b, Rejection):
+        return a == b
+    return (
+        type(a[0]) is type(b[0]) is str
+        and type(a[1]) is type(b[1]) is int
+        and a[:2] == b[:2]
+        and all(type(v) is float for v in [*a[2], *b[2]])
+        and [v.hex() for v in a[2]] == [v.hex() for v in b[2]]
+    )
+
+
+NOW_MS = int(NOW_S * 1000)
+
+
+@st.composite
+def fast_path_mappings(draw: st.DrawFn) -> dict[str, Any]:
+    """Entity from 0, 1 or 2 fields, every timestamp format or none, defaults or not, the
+    future limit set, unset (a day) or off; fields flat or dotted."""
+    features = draw(st.lists(st.sampled_from(["cpu", "mem", "m.io", "m"]), min_size=1, max_size=3, unique=True))
+    defaults = st.none() | st.sampled_from([0, -1.5, 1e30, math.nan])
+    mapping: dict[str, Any] = {
+        "entity": draw(st.lists(st.sampled_from(["host", "dc", "m.host"]), max_size=2, unique=True)),
+        "timestamp": draw(st.sampled_from([None, "ts", "ts", "m.ts"])),
+        "timestamp_format": draw(st.sampled_from(["auto", "iso", "unix_s", "unix_ms"])),
+        "features": [
+            {"name": f"f{i}", "field": path} | ({} if (d := draw(defaults)) is None else {"default": d})
+            for i, path in enumerate(features)
+        ],
+    }
+    limit = draw(st.sampled_from(["unset", None, 60.0, 86_400.0]))
+    return mapping if limit == "unset" else mapping | {"max_future_s": limit}
+
+
+# Values at the edges the fast path draws: exact ints (2**53), seconds vs milliseconds (1e11),
+# the millisecond range (1e16), the float32 range, the future limits from NOW_S, and types
+# it must leave to `decode` (bools, null, strings, containers).
+EDGE_INTS = [
+    0,
+    1,
+    -1,
+    2**53,
+    2**53 + 1,
+    -(2**53),
+    -(2**53) - 1,
+    2**53 // 1000,
+    2**53 // 1000 + 1,
+    -(2**53 // 1000) - 1,
+    10**11,
+    10**11 - 1,
+    -(10**11),
+    10**16,
+    10**16 - 1,
+    2**63,
+    2**64,
+    10**39,
+    -(10**400),
+    T0,
+    T0 // 1000,
+    NOW_MS + 60_000,
+    NOW_MS + 60_001,
+    NOW_MS + 86_400_000,
+    NOW_MS + 86_400_001,
+    int(NOW_S) + 60,
+    int(NOW_S) + 61,
+    int(NOW_S) + 86_400,
+    int(NOW_S) + 86_401,
+    10**13 - 1,
+    10**13,
+    -(10**13),
+]
+EDGE_FLOATS = [
+    -0.0,
+    0.5,
+    1e11,
+    math.nextafter(1e11, 0),
+    1e16,
+    math.nextafter(1e16, 0),
+    -1e16,
+    T0 / 1000 + 0.5,
+    NOW_S + 60.0,
+    NOW_S + 60.0005,
+    FLOAT32_MAX,
+    -FLOAT32_MAX,
+    math.nextafter(FLOAT32_MAX, math.inf),
+    math.nan,
+    math.inf,
+    -math.inf,
+    1e39,
+]
+EDGE_OTHERS = [
+    None,
+    True,
+    False,
+    "",
+    " ",
+    "a",
+    "7",
+    " 3.5 ",
+    "nan",
+    "1e39",
+    T0_ISO,
+    str(T0),
+    "2023-11-14T22:13:20",
+    {},
+    [],
+]
+edge_ints = st.sampled_from(EDGE_INTS)
+edge_floats = st.sampled_from(EDGE_FLOATS)
+edge_values = (
+    st.integers()
+    | edge_ints
+    | st.floats()
+    | edge_floats
+    | st.none()
+    | st.booleans()
+    | st.text(max_size=8)
+    | st.sampled_from([*EDGE_OTHERS, "x.y"])
+)
+flat_values = (
+    edge_values
+    | st.lists(edge_values, max_size=2)
+    | st.dictionaries(st.sampled_from(["io", "host", "ts"]), edge_values, max_size=3)
+)
+flat_keys = st.sampled_from(["host", "dc", "ts", "cpu", "mem", "m", "m.io", "m.host", "m.ts", "other"])
+
+# What each field holds in a record that decodes, mostly: the fast path's own ground, up to
+# its edges (exact ints, the seconds/milliseconds switch, the clock's future limits).
+good_entities = st.text(min_size=1, max_size=4) | st.integers(-(10**20), 10**20)
+good_times = (
+    st.integers(-(10**16), 10**16)
+    | st.integers(NOW_MS - 10**9, NOW_MS + 10**9)
+    | st.integers(int(NOW_S) - 10**6, int(NOW_S) + 10**6)
+    | st.floats(-1e17, 1e17)
+    | st.floats(NOW_S - 1e6, NOW_S + 1e6)
+    | st.sampled_from([T0_ISO, "2023-11-14T22:13:20", "2023-11-14 23:13:20+01:00", str(T0), " 1700000000.5 "])
+    | edge_ints
+    | edge_floats
+)
+good_numbers = (
+    st.floats(-1e6, 1e6)
+    | st.integers(-(10**6), 10**6)
+    | st.sampled_from([FLOAT32_MAX, -FLOAT32_MAX, math.nextafter(FLOAT32_MAX, math.inf), 10**39, -0.0, None])
+)
+
+
+@st.composite
+def mapped_records(draw: st.DrawFn, mapping: dict[str, Any]) -> dict[str, Any]:
+    """A record for `mapping`: each mapped field with a plausible value, under its literal key
+    or nested (a dotted path); then up to three fields overwritten with edge values or
+    deleted. Random records alone would almost never get past the first field."""
+    record: dict[str, Any] = {}
+
+    def put(path: str, value: Any) -> None:
+        head, _, rest = path.partition(".")
+        node = record.setdefault(head, {}) if rest and draw(st.booleans()) else None
+        if isinstance(node, dict):
+            node[rest] = value
+        else:
+            record[path] = value
+
+    for path in mapping["entity"]:
+        put(path, draw(good_entities))
+    if mapping["timestamp"] is not None:
+        put(mapping["timestamp"], draw(good_times))
+    for feature in mapping["features"]:
+        put(feature["field"], draw(good_numbers))
+    for _ in range(draw(st.integers(0, 3))):
+        key = draw(flat_keys)
+        if draw(st.booleans()):
+            record.pop(key, None)
+        else:
+            record[key] = draw(flat_values)
+    return record
+
+
+mappings_and_records = fast_path_mappings().flatmap(lambda m: st.tuples(st.just(m), mapped_records(m)))
+
+
+@settings(max_examples=600, deadline=None)
+@given(mappings_and_records, st.integers(0, 10**6), st.integers(-(10**13), 10**13))
+def test_fast_path_returns_what_decode_does(
+    case: tuple[dict[str, Any], dict[str, Any]], position: int, fallback: int
+) -> None:
+    mapping, record = case
+    dec = RecordDecoder(Mapping.model_validate(mapping), default_entity="s", clock=lambda: NOW_S)
+    flat = dec._decode_flat(record, fallback)
+    if flat is not None:
+        general = dec.decode(record, position, fallback)
+        assert same(flat, general), (flat, general)
+
+
+def test_fast_path_matches_decode_at_every_edge() -> None:
+    """Each edge value in each field, under every timestamp format and future limit, with and
+    without a default: all combinations, where the properties above only sample them."""
+    good_ts = {"auto": T0, "iso": T0_ISO, "unix_s": T0 // 1000, "unix_ms": T0}
+    checked = 0
+    for fmt, limit, default in itertools.product(good_ts, ["unset", None, 60.0, 86_400.0], [None, 2.5]):
+        mapping: dict[str, Any] = {
+            "entity": ["host"],
+            "timestamp": "ts",
+            "timestamp_format": fmt,
+            "features": [{"name": "cpu"} | ({} if default is None else {"default": default})],
+        }
+        if limit != "unset":
+            mapping["max_future_s"] = limit
+        dec = RecordDecoder(Mapping.model_validate(mapping), default_entity="s", clock=lambda: NOW_S)
+        for value in [*EDGE_INTS, *EDGE_FLOATS, *EDGE_OTHERS]:
+            for record in (
+                {"host": value, "ts": good_ts[fmt], "cpu": 1},
+                {"host": "a", "ts": value, "cpu": 1},
+                {"host": "a", "ts": good_ts[fmt], "cpu": value},
+            ):
+                flat = dec._decode_flat(record, 0)
+                if flat is not None:
+                    general = dec.decode(record, 0, 0)
+                    assert same(flat, general), (mapping, record, flat, general)
+                    checked += 1
+    assert checked > 2000, checked  # most combinations take the fast path (3,302 of 6,400)
+
+
+def json_text(value: Any) -> str:
+    return json.dumps(value)  # NaN and Infinity come out as such: not JSON, so invalid_json
+
+
+# JSON number spellings that json.dumps never writes: overflow, underflow, exponents, -0.
+odd_numbers = st.sampled_from(
+    ["1e400", "-1e400", "1e-400", "-0", "-0.0", "1E5", "17e11", "1.7e12", "9007199254740993", "18446744073709551616"]
+)
+
+
+@st.composite
+def spelled_records(draw: st.DrawFn, mapping: dict[str, Any]) -> bytes:
+    """A record for `mapping` written key by key, so keys may repeat (the last wins) and
+    numbers may be spelled in ways `json.dumps` does not."""
+    pairs = [(k, json_text(v)) for k, v in draw(mapped_records(mapping)).items()]
+    for _ in range(draw(st.integers(0, 2))):
+        pairs.insert(draw(st.integers(0, len(pairs))), (draw(flat_keys), draw(odd_numbers)))
+    return ("{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in pairs) + "}").encode()
+
+
+def messages(mapping: dict[str, Any]) -> st.SearchStrategy[bytes]:
+    return (
+        spelled_records(mapping)
+        | mapped_records(mapping).map(lambda r: json_text(r).encode())
+        | json_values.map(lambda v: json.dumps(v).encode())
+        | damaged_records()
+        | st.binary(max_size=64)
+        | st.sampled_from([b"", b" \n", b"[]", b"null", b"\xef\xbb\xbf{}", VALID])
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(fast_path_mappings().flatmap(lambda m: st.tuples(st.just(m), messages(m))), st.integers(-(10**13), 10**13))
+def test_decode_bytes_with_and_without_the_fast_path_agree(case: tuple[dict[str, Any], bytes], fallback: int) -> None:
+    mapping, raw = case
+    spec = Mapping.model_validate(mapping)
+    fast = RecordDecoder(spec, default_entity="s", clock=lambda: NOW_S)
+    general = GeneralOnly(spec, default_entity="s", clock=lambda: NOW_S)
+    a, b = fast.decode_bytes(raw, 5, fallback), general.decode_bytes(raw, 5, fallback)
+    assert same(a, b), (a, b)
+
+
+@pytest.mark.parametrize(
+    ("mapping", "raw", "expected"),
+    [
+        # end_to_end.py's producer messages
+        (
+            {"entity": ["id"], "timestamp": "ts", "timestamp_format": "unix_ms", "features": ["value"]},
+            b'{"id":"e7","ts":1700000000000,"value":-0.12345}',
+            ("e7", T0, [-0.12345]),
+        ),
+        (
+            {"entity": ["host", "dc"], "timestamp": "ts", "features": ["cpu", "mem"]},
+            b'{"host": "a", "dc": 3, "ts": 1700000000.25, "cpu": 1, "mem": 2.5, "extra": {"x": [1]}}',
+            ("a/3", T0 + 250, [1.0, 2.5]),
+        ),
+        (
+            {"entity": "host", "timestamp": "ts", "features": ["cpu"]},
+            b'{"host": "a", "ts": "2023-11-14T22:13:20Z", "cpu": 0}',
+            ("a", T0, [0.0]),
+        ),
+        (
+            {"entity": "host", "timestamp": "ts", "timestamp_format": "unix_s", "features": ["cpu"]},
+            b'{"host": "a", "ts": 1700000000, "cpu": 1e38}',
+            ("a", T0, [1e38]),
+        ),
+        (
+            {"entity": [], "timestamp": None, "features": [{"name": "cpu", "default": 0}, "mem"]},
+            b'{"cpu": null, "mem": 4}',
+            ("s", 9, [0.0, 4.0]),
+        ),
+        (
+            {"entity": "host", "timestamp": "ts", "features": [{"name": "cpu", "field": "cpu.user"}]},
+            b'{"host": "a", "ts": 1700000000000, "cpu.user": 5}',
+            ("a", T0, [5.0]),
+        ),
+    ],
+)
+def test_ordinary_records_take_the_fast_path(mapping: dict[str, Any], raw: bytes, expected: Any) -> None:
+    # Without this the fast path could quietly stop being taken and every test above still pass.
+    dec = CountingDecoder(Mapping.model_validate(mapping), default_entity="s")
+    assert same(dec.decode_bytes(raw, 1, 9), expected)
+    assert dec.general == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "general"),
+    [
+        (b'{"host": "a", "ts": 1700000000000, "cpu": 1, "m.io": 2}', 0),  # the control: ordinary
+        (b'{"host": "a", "ts": 1700000000000, "cpu": 1, "m": {"io": 2}}', 1),  # nested: for `_lookup`
+        (b'{"host": "a", "ts": 1700000000000, "cpu": "1.5", "m.io": 2}', 1),  # numeric text
+        (b'{"host": "a", "ts": 1700000000000, "cpu": true, "m.io": 2}', 1),
+        (b'{"host": "a", "ts": 1700000000000, "cpu": NaN, "m.io": 2}', 0),  # not JSON: no decode at all
+        (b'{"host": "a", "ts": 1700000000000, "m.io": 2}', 1),  # missing, no default
+        (b'{"host": "", "ts": 1700000000000, "cpu": 1, "m.io": 2}', 1),
+        (b'{"host": "a", "ts": "", "cpu": 1, "m.io": 2}', 1),
+        (b'{"host": "a", "ts": 9007199254740993, "cpu": 1, "m.io": 2}', 1),  # an int float() would round
+        (b'{"host": "a", "ts": 3000000000000, "cpu": 1, "m.io": 2}', 1),  # too far ahead: `decode` rejects
+        (b"[1]", 1),
+    ],
+)
+def test_unusual_records_go_the_general_way(raw: bytes, general: int) -> None:
+    mapping = {"entity": "host", "timestamp": "ts", "features": ["cpu", {"name": "io", "field": "m.io"}]}
+    dec = CountingDecoder(Mapping.model_validate(mapping), default_entity="s", clock=lambda: NOW_S)
+    dec.decode_bytes(raw, 1, 9)
+    assert dec.general == general
 
 
 # --- batches ------------------------------------------------------------------------------
