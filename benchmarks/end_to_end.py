@@ -281,7 +281,7 @@ def throughput(
         scores=False,
         threads=args.threads,
         batch_windows=args.batch_windows,
-        engine=args.engine,
+        engine=getattr(args, "engine", None),
     )
     profile = getattr(args, "profile", None)
     proc = start_daemon(config, port, workdir / f"{group}.log", Path(f"{profile}.s{stride}") if profile else None)
@@ -330,7 +330,7 @@ def latency(args: argparse.Namespace, workdir: Path, bootstrap: str, rate: float
         scores=True,
         threads=args.threads,
         batch_windows=args.batch_windows,
-        engine=args.engine,
+        engine=getattr(args, "engine", None),
     )
     proc = start_daemon(config, port, workdir / f"{group}.log")
     scores_path = workdir / f"{group}.scores.jsonl"
