@@ -550,7 +550,7 @@ class Scoring(_Model):
     engine: Literal["torch", "onnxruntime"] = Field(
         "onnxruntime",
         description="what runs the model: `torch`, or the same network and weights in ONNX Runtime (the "
-        "onnxruntime and onnx packages), 1.3-1.8x the windows/s here at hidden size 32 (docs/performance.md); "
+        "onnxruntime and onnx packages), 1.1-2.4x torch's windows/s on 2 cores here (docs/performance.md); "
         "scores agree to float32 rounding. Training always uses torch",
     )
     threads: int | None = Field(

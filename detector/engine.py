@@ -1,9 +1,9 @@
 """Scoring engines: how a stream's windows go through its model.
 
 `torch` runs the `RecurrentAutoencoder` itself. `onnxruntime` runs the same network, with the
-same weights, as an ONNX graph in ONNX Runtime: its fused recurrent kernels score 1.3-1.8x
-more windows per second than torch's on small hidden sizes (docs/performance.md), and the
-scores agree to float32 rounding (a few 1e-8 relative).
+same weights, as an ONNX graph in ONNX Runtime: its fused recurrent kernels score 1.1-2.4x
+the windows per second of torch's at batch 256 (1.32x at W=64, D=1, H=32 on one thread;
+docs/performance.md), and the scores agree to float32 rounding (a few 1e-8 relative).
 
 The graph is built here from the model's weights with `onnx.helper`, in milliseconds, each
 time a model is loaded or swapped. torch's own exporters were measured first: the maintained
