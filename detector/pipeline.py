@@ -25,7 +25,7 @@ import torch
 from detector.alerts import Alert, AlertPolicy
 from detector.config import Scoring, Stream
 from detector.drift import ScoreDrift
-from detector.engine import make_scorer
+from detector.engine import Scorer, make_scorer
 from detector.metrics import Metrics
 from detector.model import Checkpoint, check_layout
 from detector.retrain import Retrainer, TrainingProcess
@@ -108,9 +108,19 @@ class Pipeline:
         )
         self.retrainer: Retrainer | None = None
         if stream.retraining.enabled:
-            self.retrainer = Retrainer(name, stream, len(checkpoint.features), trainer, metrics, model_store)
+            self.retrainer = Retrainer(
+                name, stream, len(checkpoint.features), trainer, metrics, model_store, prepare=self._warm_scorer
+            )
         self.drift = ScoreDrift(checkpoint.errors.sorted_errors)
         self.scorer = make_scorer(checkpoint.model, stream.window.size, self.scoring)
+
+    def _warm_scorer(self, checkpoint: Checkpoint) -> Scorer:
+        """A scorer for `checkpoint` that has scored once already. The retrainer builds it in
+        its worker: an ONNX Runtime session costs ≈ 4 ms to build and its first pass twice a
+        later one, which the batch that swaps the model in would otherwise pay."""
+        scorer = make_scorer(checkpoint.model, self.stream.window.size, self.scoring)
+        scorer.score(np.zeros((1, self.stream.window.size, len(checkpoint.features)), np.float32))
+        return scorer
 
     def reconfigure(self, stream: Stream) -> None:
         """Take new thresholds and alert policy. Windows are kept; so is the alert state (an
@@ -120,7 +130,7 @@ class Pipeline:
         self.rules = SeverityRules(stream.thresholds, self.checkpoint.errors, previous=self.rules)
         self.policy = self.policy.reconfigured(stream.alerts)
 
-    def swap_checkpoint(self, checkpoint: Checkpoint) -> None:
+    def swap_checkpoint(self, checkpoint: Checkpoint, scorer: Scorer | None = None) -> None:
         """Score with `checkpoint` from the next batch on (call it between batches).
 
         Windows are kept (they hold raw values and are normalized with the new scaler), and
@@ -128,10 +138,12 @@ class Pipeline:
         new events carry the new version. Thresholds are refit from the new checkpoint's error
         statistics and dynamic ones start afresh, since they learned the old model's score
         scale; the drift sample restarts for the same reason. Raises CheckpointError, changing
-        nothing, when the checkpoint's features or window size do not fit the stream.
+        nothing, when the checkpoint's features or window size do not fit the stream. `scorer`:
+        one already built for `checkpoint` (see `_warm_scorer`).
         """
         check_layout(checkpoint, self.stream, f"version {checkpoint.version}")
-        scorer = make_scorer(checkpoint.model, self.stream.window.size, self.scoring)
+        if scorer is None:
+            scorer = make_scorer(checkpoint.model, self.stream.window.size, self.scoring)
         self.checkpoint = checkpoint
         self.scorer = scorer
         self.windows.rescale(checkpoint.scaler)
@@ -152,7 +164,7 @@ class Pipeline:
             # A batch boundary: the only place the model may change.
             finished = self.retrainer.step(self.checkpoint)
             if finished is not None and finished.checkpoint is not None:
-                self.swap_checkpoint(finished.checkpoint)
+                self.swap_checkpoint(finished.checkpoint, finished.prepared)
         n = len(batch)
         score = np.full(n, np.nan)
         threshold = np.full(n, np.nan)

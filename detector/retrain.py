@@ -32,11 +32,12 @@ import signal
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -195,6 +196,9 @@ class RetrainResult:
     validation_windows: int
     seconds: float
     detail: str = ""
+    # What the retrainer's `prepare` made of the accepted candidate, off the scoring path (the
+    # pipeline's scorer for it, built and warmed up), or None.
+    prepared: Any = None
 
 
 def fine_tune(model: RecurrentAutoencoder, windows: np.ndarray, cfg: Retraining, seed: int) -> RecurrentAutoencoder:
@@ -454,10 +458,14 @@ class Retrainer:
         trainer: TrainingProcess | None = None,
         metrics: Metrics | None = None,
         store: CheckpointStore | None = None,
+        prepare: Callable[[Checkpoint], Any] | None = None,
     ) -> None:
+        """`prepare` runs on each accepted candidate in the worker, before the result is handed
+        over: whatever it returns rides along as `RetrainResult.prepared`."""
         cfg = stream.retraining
         self.stream_name = stream_name
         self.stream = stream
+        self.prepare = prepare
         self.background = trainer is not None
         self.metrics = metrics
         self.store = store
@@ -544,6 +552,8 @@ class Retrainer:
             result = retrain(self.stream_name, self.stream, current, windows, end_ms, seed, self._trainer)
             if result.outcome == "accepted" and self.store is not None:
                 result = self._keep(result, current.version)
+            if result.checkpoint is not None and self.prepare is not None:
+                result = replace(result, prepared=self.prepare(result.checkpoint))
         except Exception as exc:  # the worker must always report back, or retraining stops for good
             log.exception("stream %s: retraining failed", self.stream_name)
             result = RetrainResult("failed", None, float("nan"), float("nan"), 0, 0, 0.0, repr(exc))

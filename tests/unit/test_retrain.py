@@ -470,6 +470,8 @@ def test_background_retraining_never_blocks_scoring_and_swaps_at_a_batch_boundar
     assert pipeline.checkpoint is not checkpoint
     first = retrainer.results[0]
     assert first.outcome == "accepted"
+    # The worker built (and warmed) the new model's scorer; the swapping batch only took it over.
+    assert first.prepared is not None and pipeline.scorer is first.prepared
     # The training process fits exactly what fine-tuning in line fits (same seed, same windows).
     inline = Pipeline("hosts", s, checkpoint)
     for batch in batches[:6]:
