@@ -549,6 +549,7 @@ class Scoring(_Model):
 
     engine: Literal["torch", "onnxruntime"] = Field(
         "onnxruntime",
+        validate_default=True,  # the default needs its packages too: say so at load, not at the first batch
         description="what runs the model: `torch`, or the same network and weights in ONNX Runtime (the "
         "onnxruntime and onnx packages), 1.1-2.4x torch's windows/s on 2 cores here (docs/performance.md); "
         "scores agree to float32 rounding. Training always uses torch",
@@ -837,7 +838,13 @@ class Config(_Model):
     streams: dict[Annotated[str, Field(pattern=_NAME_PATTERN)], Stream] = Field(
         min_length=1, description="one entry per stream: its name (letters, digits, `_` `.` `-`) and its settings"
     )
-    scoring: Scoring = Field(default_factory=Scoring, description="how scoring uses the CPU")
+    # Validated from {} rather than built by a factory, so a default that fails (scoring.engine's
+    # packages missing) is reported under its YAML path like any other value.
+    scoring: Scoring = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="how scoring uses the CPU",
+    )
     kafka: Kafka = Field(default_factory=Kafka, description="Kafka client of `detector run`")
     sinks: Sinks = Field(default_factory=Sinks, description="where `detector run` sends alerts")
     server: Server = Field(default_factory=Server, description="HTTP endpoints of `detector run`")

@@ -83,9 +83,8 @@ def test_a_missing_package_is_a_config_error_naming_the_path(monkeypatch: pytest
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
-    text = (
-        "scoring: {engine: onnxruntime}\n"
-        "streams:\n  s:\n    input: {kind: file, path: x.csv}\n    mapping: {features: [v]}\n"
-    )
-    with pytest.raises(ConfigError, match=r"scoring\.engine.*onnxruntime"):
-        parse_config(text, "test.yaml")
+    streams = "streams:\n  s:\n    input: {kind: file, path: x.csv}\n    mapping: {features: [v]}\n"
+    for text in ("scoring: {engine: onnxruntime}\n" + streams, streams):  # named, and by default
+        with pytest.raises(ConfigError, match=r"scoring\.engine.*onnxruntime"):
+            parse_config(text, "test.yaml")
+    parse_config("scoring: {engine: torch}\n" + streams, "test.yaml")
