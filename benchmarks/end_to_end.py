@@ -448,6 +448,14 @@ def main() -> None:
         default=10,
         help="kafka.fetch_max_wait_ms for the latency runs: Tansu holds a fetch for the whole wait",
     )
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument(
+        "--profile",
+        metavar="PATH",
+        help="run the throughput daemons under cProfile (CPU time) and write PATH.s<stride> "
+        "(read with `python -m pstats`); profiling slows the daemon, so its rates are not comparable",
+    )
+    # producer mode
     parser.add_argument("--producer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
