@@ -112,12 +112,12 @@ class Pipeline:
                 name, stream, len(checkpoint.features), trainer, metrics, model_store, prepare=self._warm_scorer
             )
         self.drift = ScoreDrift(checkpoint.errors.sorted_errors)
-        self.scorer = make_scorer(checkpoint.model, stream.window.size, self.scoring)
+        self.scorer = self._warm_scorer(checkpoint)
 
     def _warm_scorer(self, checkpoint: Checkpoint) -> Scorer:
-        """A scorer for `checkpoint` that has scored once already. The retrainer builds it in
-        its worker: an ONNX Runtime session costs ≈ 4 ms to build and its first pass twice a
-        later one, which the batch that swaps the model in would otherwise pay."""
+        """A scorer for `checkpoint` that has scored once already: an ONNX Runtime session
+        costs ≈ 4 ms to build and its first pass twice a later one, which a live batch would
+        otherwise pay. The retrainer calls this in its worker, off the scoring path."""
         scorer = make_scorer(checkpoint.model, self.stream.window.size, self.scoring)
         scorer.score(np.zeros((1, self.stream.window.size, len(checkpoint.features)), np.float32))
         return scorer
@@ -143,7 +143,7 @@ class Pipeline:
         """
         check_layout(checkpoint, self.stream, f"version {checkpoint.version}")
         if scorer is None:
-            scorer = make_scorer(checkpoint.model, self.stream.window.size, self.scoring)
+            scorer = self._warm_scorer(checkpoint)
         self.checkpoint = checkpoint
         self.scorer = scorer
         self.windows.rescale(checkpoint.scaler)
