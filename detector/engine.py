@@ -100,18 +100,25 @@ def onnx_graph(model: RecurrentAutoencoder, window_size: int) -> Any:
     def gates(param: Any) -> np.ndarray:
         """A torch weight or bias (gates * H, ...) as ONNX wants it: gate blocks reordered, (1, gates * H, ...)."""
         order = _GATE_ORDER[spec.cell]
-        blocks = param.detach().numpy().reshape(len(order), hidden, *param.shape[1:])
-        reordered: np.ndarray = blocks[list(order)].reshape(1, *param.shape)
+        value = param if isinstance(param, np.ndarray) else param.detach().numpy()
+        blocks = value.reshape(len(order), hidden, *value.shape[1:])
+        reordered: np.ndarray = blocks[list(order)].reshape(1, *value.shape)
         return reordered
 
-    def recurrent(rnn: nn.Module, x: str, prefix: str) -> tuple[str, str]:
-        """Stacked layers over x (W, B, in): the top layer's outputs (W, B, H) and last state (B, H)."""
+    def recurrent(
+        rnn: nn.Module, x: str, prefix: str, first_input: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> tuple[str, str]:
+        """Stacked layers over x (W, B, in): the top layer's outputs (W, B, H) and last state (B, H).
+        `first_input`: the first layer's input weight and bias, in torch's layout, when not its own."""
         last = ""
         for layer in range(spec.num_layers):
             p = f"{prefix}{layer}"
-            w_ih = const(f"{p}_w", gates(getattr(rnn, f"weight_ih_l{layer}")))
+            w_in, b_in = getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"bias_ih_l{layer}")
+            if layer == 0 and first_input is not None:
+                w_in, b_in = first_input
+            w_ih = const(f"{p}_w", gates(w_in))
             w_hh = const(f"{p}_r", gates(getattr(rnn, f"weight_hh_l{layer}")))
-            b_ih, b_hh = gates(getattr(rnn, f"bias_ih_l{layer}")), gates(getattr(rnn, f"bias_hh_l{layer}"))
+            b_ih, b_hh = gates(b_in), gates(getattr(rnn, f"bias_hh_l{layer}"))
             bias = const(f"{p}_b", np.concatenate([b_ih, b_hh], axis=1))
             attrs: dict[str, Any] = {"hidden_size": hidden}
             if spec.cell == "gru":
@@ -132,17 +139,22 @@ def onnx_graph(model: RecurrentAutoencoder, window_size: int) -> Any:
                        const("to_latent_b", to_latent.bias.detach().numpy())], "latent_pre", transB=1)],
         "latent",
     )  # fmt: skip
-    step = node(
-        "Gemm",
-        [latent, const("from_latent_w", from_latent.weight.detach().numpy()),
-         const("from_latent_b", from_latent.bias.detach().numpy())],
-        "step", transB=1,
+    # The decoder's input is from_latent(latent) at every step, and nothing nonlinear lies
+    # between the two linear maps: folded into one, the decoder reads the latent (L wide)
+    # instead of H-wide steps, and its input projection costs L/H of torch's (same function,
+    # float32 rounding apart; the products are taken in float64).
+    dec_w = model.decoder.weight_ih_l0.detach().double().numpy()
+    folded = (
+        (dec_w @ from_latent.weight.detach().double().numpy()).astype(np.float32),
+        (model.decoder.bias_ih_l0.detach().double().numpy() + dec_w @ from_latent.bias.detach().double().numpy())
+        .astype(np.float32),
     )  # fmt: skip
-    # The decoder sees the same step input at every time step.
     steps = node(
-        "Expand", [node("Unsqueeze", [step, axis0], "step1"), const("repeat", np.array([w, 1, 1], np.int64))], "steps"
+        "Expand",
+        [node("Unsqueeze", [latent, axis0], "latent1"), const("repeat", np.array([w, 1, 1], np.int64))],
+        "steps",
     )
-    decoded, _ = recurrent(model.decoder, steps, "decoder")
+    decoded, _ = recurrent(model.decoder, steps, "decoder", folded)
     decoded = node("Transpose", [decoded], "decoded_bwh", perm=[1, 0, 2])
     if spec.attention:
         encoded = node("Transpose", [encoded], "encoded_bwh", perm=[1, 0, 2])
