@@ -139,16 +139,19 @@ def onnx_graph(model: RecurrentAutoencoder, window_size: int) -> Any:
                        const("to_latent_b", to_latent.bias.detach().numpy())], "latent_pre", transB=1)],
         "latent",
     )  # fmt: skip
+
     # The decoder's input is from_latent(latent) at every step, and nothing nonlinear lies
     # between the two linear maps: folded into one, the decoder reads the latent (L wide)
     # instead of H-wide steps, and its input projection costs L/H of torch's (same function,
     # float32 rounding apart; the products are taken in float64).
-    dec_w = model.decoder.weight_ih_l0.detach().double().numpy()
+    def float64(param: Any) -> np.ndarray:
+        return np.asarray(param.detach().double().numpy())
+
+    dec_w = float64(getattr(model.decoder, "weight_ih_l0"))  # noqa: B009 (nn.Module attributes are untyped)
     folded = (
-        (dec_w @ from_latent.weight.detach().double().numpy()).astype(np.float32),
-        (model.decoder.bias_ih_l0.detach().double().numpy() + dec_w @ from_latent.bias.detach().double().numpy())
-        .astype(np.float32),
-    )  # fmt: skip
+        (dec_w @ float64(from_latent.weight)).astype(np.float32),
+        (float64(getattr(model.decoder, "bias_ih_l0")) + dec_w @ float64(from_latent.bias)).astype(np.float32),  # noqa: B009
+    )
     steps = node(
         "Expand",
         [node("Unsqueeze", [latent, axis0], "latent1"), const("repeat", np.array([w, 1, 1], np.int64))],
