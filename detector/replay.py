@@ -22,7 +22,7 @@ from detector.config import Config, FileInput, Stream
 from detector.errors import InputError
 from detector.model import Checkpoint, load_checkpoint, save_checkpoint
 from detector.pipeline import Pipeline
-from detector.source import RecordDecoder, Rejection, SampleBatch, format_timestamp, parse_timestamp, read_file
+from detector.source import RecordDecoder, Rejection, SampleBatch, format_timestamps, parse_timestamp, read_file
 from detector.store import stream_checkpoint
 from detector.train import fit
 
@@ -257,6 +257,7 @@ def write_scores(
     """One row per input row, in input order; rejected rows carry their reason."""
     rows: list[tuple[int, list[str]]] = []
     late = {r.position: r.reason for r in rejections}
+    stamps = format_timestamps(samples.timestamps)
     for i in range(len(samples)):
         pos = int(samples.positions[i])
         if pos in late:
@@ -268,7 +269,7 @@ def write_scores(
                 [
                     str(pos),
                     samples.entities[i],
-                    format_timestamp(int(samples.timestamps[i])),
+                    stamps[i],
                     f"{score[i]:.6g}" if has_score else "",
                     f"{threshold[i]:.6g}" if has_score else "",
                     "1" if anomaly[i] else "0",

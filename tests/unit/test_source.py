@@ -25,6 +25,7 @@ from detector.source import (
     SampleBatch,
     detect_format,
     format_timestamp,
+    format_timestamps,
     parse_timestamp,
     read_file,
 )
@@ -373,6 +374,13 @@ def test_format_timestamp() -> None:
 MS_RANGE = st.integers(
     int(datetime(1, 1, 2, tzinfo=UTC).timestamp() * 1000), int(datetime(9999, 12, 30, tzinfo=UTC).timestamp() * 1000)
 )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(MS_RANGE, max_size=20))
+def test_format_timestamps_formats_each_as_format_timestamp(values: list[int]) -> None:
+    # The daemon's scores file uses the vectorized form; replay and alerts the scalar one.
+    assert format_timestamps(np.array(values, np.int64)) == [format_timestamp(v) for v in values]
 
 
 @settings(max_examples=300, deadline=None)
