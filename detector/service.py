@@ -601,27 +601,33 @@ class Daemon:
         t0 = time.monotonic()
         m = self.metrics
         m.batch_records.observe(len(records))
-        commit: dict[Any, int] = {}
-        live = np.empty(len(records), bool)
-        for i, r in enumerate(records):
-            tp = TopicPartition(r.topic, r.partition)
-            live[i] = r.offset >= self._live_from.get(tp, 0)
-            if live[i]:
-                commit[tp] = max(commit.get(tp, 0), r.offset + 1)
+        # Per-record loops here run at every event: plain (topic, partition) tuples, which
+        # hash and compare equal to TopicPartition keys, instead of a namedtuple per record.
+        commit: dict[tuple[str, int], int] = {}
+        live_from = self._live_from
+        live: list[bool] = []
+        for r in records:
+            key = (r.topic, r.partition)
+            is_live = r.offset >= live_from.get(key, 0)
+            live.append(is_live)
+            if is_live and r.offset >= commit.get(key, 0):
+                commit[key] = r.offset + 1
 
         alerts: list[Alert] = []
         alert_times: dict[tuple[str, str, int], int] = {}
+        topics = {r.topic for r in records}
         for name, rt in self.runtimes.items():
             topic = rt.stream.input.topic  # type: ignore[union-attr]
-            rows = [i for i, r in enumerate(records) if r.topic == topic]
-            if not rows:
+            if topic not in topics:
                 continue
+            rows = range(len(records)) if len(topics) == 1 else [i for i, r in enumerate(records) if r.topic == topic]
             n_features = len(rt.checkpoint.features)
             refill, fresh = BatchBuilder(n_features), BatchBuilder(n_features)
+            decode = rt.decoder.decode_bytes
             for i in rows:
                 r = records[i]
-                (fresh if live[i] else refill).add(rt.decoder.decode_bytes(r.value or b"", i, r.timestamp), i)
-            n_live = int(live[rows].sum())
+                (fresh if live[i] else refill).add(decode(r.value or b"", i, r.timestamp), i)
+            n_live = sum(live[i] for i in rows)
             m.records_consumed.labels(name, "live").inc(n_live)
             m.records_consumed.labels(name, "refill").inc(len(rows) - n_live)
 
@@ -677,7 +683,8 @@ class Daemon:
             self.scores_file.flush()
         if commit:
             marks = {s: s.queued for s in self.sinks if isinstance(s, AlertmanagerSink | WebhookSink) and s.confirmed}
-            self._held.append((marks, {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in commit.items()}))
+            offsets = {TopicPartition(*key): OffsetAndMetadata(offset, "", -1) for key, offset in commit.items()}
+            self._held.append((marks, offsets))
             self._release_commits()
         m.batch_seconds.observe(time.monotonic() - t0)
 
