@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="holds fraud/ (see its README)")
     b.add_argument("--config", type=Path, default=Path("configs/transactions.yaml"))
     b.add_argument("--out", type=Path, default=Path("build/eval/fraud"), help="results.json, scores.csv.gz")
+    b.add_argument(
+        "--split",
+        default="7,7,7,7",
+        metavar="W,T,D,E",
+        help="days of warmup, train, delay, test from 1 July (7,7,0,7: the choice week, 15-21 July)",
+    )
 
     p = sub.add_parser("models", help="list, show, promote and roll back the versions in a stream's model_store")
     actions = p.add_subparsers(dest="action", required=True)
@@ -279,9 +285,14 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     if args.command == "evaluate" and args.benchmark == "fraud":
-        from detector.evaluate_fraud import evaluate_fraud, print_fraud_report, write_fraud_report
+        from detector.evaluate_fraud import FraudSplit, evaluate_fraud, print_fraud_report, write_fraud_report
 
-        fraud = evaluate_fraud(args.data_dir, args.config, args.out)
+        try:
+            fraud_split = FraudSplit.parse(args.split)
+        except ValueError as e:
+            print(f"detector evaluate fraud: --split: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        fraud = evaluate_fraud(args.data_dir, args.config, args.out, split=fraud_split)
         print_fraud_report(fraud)
         print(f"wrote {write_fraud_report(fraud, args.out)}", file=sys.stderr)
         return EXIT_OK

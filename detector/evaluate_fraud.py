@@ -15,8 +15,8 @@ Two configs, one choice (`detector evaluate fraud --config ...`):
   anywhere.
 
 The report says which streams use feedback (`streams[...]["label_feedback"]`). Settings were
-chosen on a shifted split (`FraudSplit(7, 7, 0, 7)`: evaluate days 15-21), not on the test
-week; docs/results.md lists the variants.
+chosen on a shifted split (`FraudSplit(7, 7, 0, 7)`, `--split 7,7,0,7` on the command line:
+evaluate days 15-21), not on the test week; docs/results.md lists the variants.
 
 Protocol (the handbook's train / delay / test split, adapted to one month and to a detector
 that needs no labels):
@@ -111,6 +111,22 @@ class FraudSplit:
     train_days: int = 7
     delay_days: int = 7
     test_days: int = 7
+
+    @staticmethod
+    def parse(text: str) -> FraudSplit:
+        """`"7,7,0,7"` (warmup, train, delay, test days) -> FraudSplit(7, 7, 0, 7); the choice
+        week of docs/results.md is that one. Raises ValueError on anything else.
+
+        >>> FraudSplit.parse("7,7,0,7")
+        FraudSplit(warmup_days=7, train_days=7, delay_days=0, test_days=7)
+        """
+        parts = text.split(",")
+        if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"expected four whole numbers of days WARMUP,TRAIN,DELAY,TEST, got {text!r}")
+        split = FraudSplit(*(int(p) for p in parts))
+        if split.train_days < 1 or split.test_days < 1:
+            raise ValueError(f"train and test need at least one day each, got {text!r}")
+        return split
 
 
 # --- data --------------------------------------------------------------------------------
@@ -429,7 +445,8 @@ def period_bounds(tx: Transactions, split: FraudSplit) -> dict[str, tuple[int, i
 
 
 def score_stream(name: str, stream: Stream, config: Config, samples: SampleBatch, period: np.ndarray) -> StreamScores:
-    """Train on the `train` rows, fill windows with `warmup`, score `delay` and `test`.
+    """Train on the `train` rows, fill windows with `warmup`, score `delay` and `test`; r is the
+    score over the stream's warning threshold (its critical rule plays no part).
 
     `period` codes each row: 0 warmup, 1 train, 2 delay, 3 test, 4 after the test.
 
@@ -437,6 +454,10 @@ def score_stream(name: str, stream: Stream, config: Config, samples: SampleBatch
         period: (N,) int; returns ratio (N,), 0 outside delay/test or where no window
     """
     started = time.monotonic()
+    # r divides by the warning threshold for every row. The pipeline reports, per row, the
+    # threshold the score was judged by, which is the critical one above it: dividing by that
+    # would rank a score just above the critical threshold below one just under it.
+    stream = stream.model_copy(update={"thresholds": stream.thresholds.model_copy(update={"critical": None})})
     ckpt = fit(name, stream, samples.take(period == 1), progress=False)
     pipeline = Pipeline(name, stream, ckpt, config.scoring)
     ratio = np.zeros(len(samples))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from detector.cli import main
 from detector.config import load_config
 from detector.evaluate_fraud import (
     DAY_S,
@@ -27,6 +28,9 @@ from detector.evaluate_fraud import (
     load_transactions,
     print_fraud_report,
     rolling_count_sum,
+    score_stream,
+    stream_entity,
+    stream_samples,
     transaction_features,
     write_fraud_report,
 )
@@ -286,3 +290,50 @@ def test_feedback_features_reach_the_streams_that_map_them(tmp_path: Path) -> No
     out = io.StringIO()
     print_fraud_report(report, out)
     assert "label feedback (fraud labels known 1 d late): streams terminals" in out.getvalue()
+
+
+def test_split_parses_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert FraudSplit.parse("7,7,0,7") == FraudSplit(7, 7, 0, 7)
+    assert FraudSplit.parse(" 7, 7, 7, 7") == FraudSplit()
+    for bad in ("7,7,7", "7,7,-1,7", "7,0,7,7", "7,7,7,0", "a,7,7,7"):
+        with pytest.raises(ValueError):
+            FraudSplit.parse(bad)
+    code = main(["evaluate", "fraud", "--data-dir", str(tmp_path), "--split", "7,7", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "--split" in capsys.readouterr().err
+
+
+def test_split_from_the_command_line_reaches_the_evaluation(tmp_path: Path) -> None:
+    data = tmp_path / "fraud" / "transactions_2018-07.csv.gz"
+    data.parent.mkdir()
+    _write_synthetic(data)
+    config = tmp_path / "transactions.yaml"
+    config.write_text(TINY_CONFIG)
+    out = tmp_path / "out"
+    args = ["evaluate", "fraud", "--data-dir", str(tmp_path), "--config", str(config), "--out", str(out)]
+    assert main([*args, "--split", "1,1,0,2"]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    # No delay: the test starts on day 3, right after training, and holds the last two days.
+    assert saved["split"]["test"] == "2018-07-03 .. 2018-07-04"
+    assert saved["test_transactions"] == 2 * 20 * 6
+
+
+def test_ratio_divides_by_the_warning_threshold_even_above_the_critical_one(tmp_path: Path) -> None:
+    # The pipeline reports the critical threshold for a critical score; r must not use it, or
+    # a score just above the critical threshold would rank below one just under it.
+    data = tmp_path / "tx.csv.gz"
+    _write_synthetic(data)
+    tx = load_transactions(data)
+    period = np.minimum(tx.timestamp_s // DAY_S - tx.timestamp_s.min() // DAY_S, 3).astype(np.int8)
+    ratios = {}
+    for critical in ("", "\n      critical: {rule: quantile, q: 0.5, factor: 1.5}"):
+        path = tmp_path / "c.yaml"
+        thresholds = "thresholds:\n      warning: {rule: quantile, q: 0.5}" + critical
+        path.write_text(TINY_CONFIG.replace("thresholds: {warning: {rule: quantile, q: 0.99}}", thresholds, 1))
+        config = load_config(path)
+        stream = config.streams["customers"]
+        samples = stream_samples(stream, tx, transaction_features(tx), stream_entity("customers", stream, tx))
+        ratios[critical != ""] = score_stream("customers", stream, config, samples, period).ratio
+    # The critical rule (1.5 x the warning threshold) was crossed, and changed no ratio.
+    assert (ratios[True] > 1.5).any()
+    np.testing.assert_allclose(ratios[True], ratios[False])
