@@ -46,6 +46,7 @@ from typing import Literal, TextIO, TypeVar
 
 import numpy as np
 
+from detector.config import Stream
 from detector.errors import InputError
 
 T = TypeVar("T")
@@ -361,13 +362,26 @@ def read_scores(path: Path) -> ReplayedSeries:
     return ReplayedSeries(score, threshold, firing, 0.0)
 
 
+def warning_only(stream: Stream) -> Stream:
+    """`stream` without its critical rule, for the benchmarks' r = score / warning threshold.
+
+    The pipeline reports per window the threshold its score was judged by, the critical one
+    for a critical window: r over that would rank a score just above the critical threshold
+    below one just under it. The critical rule sets severity labels only (alerts start,
+    resolve and cool down on warning), so dropping it changes no detection.
+    """
+    return stream.model_copy(update={"thresholds": stream.thresholds.model_copy(update={"critical": None})})
+
+
 def replay_series(config_path: Path, data: Path, train_rows: int, scores_out: Path) -> ReplayedSeries:
-    """Train on the first `train_rows` rows of `data`, score the rest, and read the scores back."""
+    """Train on the first `train_rows` rows of `data`, score the rest, and read the scores back
+    (the threshold column is the warning threshold: `warning_only`)."""
     from detector.config import load_config
     from detector.replay import TrainSplit, replay_file
 
     started = time.monotonic()
     config = load_config(config_path)
+    config = config.model_copy(update={"streams": {k: warning_only(v) for k, v in config.streams.items()}})
     replay_file(
         config,
         None,

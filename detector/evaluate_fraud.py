@@ -75,6 +75,7 @@ import torch
 
 from detector.config import Config, Stream, load_config
 from detector.errors import InputError
+from detector.evaluate import warning_only
 from detector.pipeline import Pipeline
 from detector.source import SampleBatch
 from detector.train import fit
@@ -454,10 +455,7 @@ def score_stream(name: str, stream: Stream, config: Config, samples: SampleBatch
         period: (N,) int; returns ratio (N,), 0 outside delay/test or where no window
     """
     started = time.monotonic()
-    # r divides by the warning threshold for every row. The pipeline reports, per row, the
-    # threshold the score was judged by, which is the critical one above it: dividing by that
-    # would rank a score just above the critical threshold below one just under it.
-    stream = stream.model_copy(update={"thresholds": stream.thresholds.model_copy(update={"critical": None})})
+    stream = warning_only(stream)
     ckpt = fit(name, stream, samples.take(period == 1), progress=False)
     pipeline = Pipeline(name, stream, ckpt, config.scoring)
     ratio = np.zeros(len(samples))

@@ -32,6 +32,7 @@ from detector.evaluate import (
     normalized,
     probation_rows,
     read_scores,
+    replay_series,
     scaled_sigmoid,
     score_series,
     sweep_rows,
@@ -257,3 +258,24 @@ def test_evaluate_nab_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert std["normalized"] > 50
     assert (out / "results.csv").read_text().count("\n") == 2 * 3 * 3 + 1
     assert (out / "scores" / "realX" / "b.scores.csv").exists()
+
+
+@pytest.mark.slow
+def test_replayed_threshold_is_the_warning_one_even_in_critical_windows(tmp_path: Path) -> None:
+    # NAB's confidence is r = score / threshold: with the critical threshold for critical
+    # windows, the 6-sigma spike would rank below a window just under the critical threshold.
+    write_corpus(tmp_path)
+    data = tmp_path / "nab" / "data" / "realX" / "b.csv"
+    critical = CONFIG.replace("factor: 1.5}}", "factor: 1.5}, critical: {rule: quantile, q: 0.99, factor: 3.0}}")
+    runs = []
+    for name, text in (("warning", CONFIG), ("critical", critical)):
+        (tmp_path / f"{name}.yaml").write_text(text)
+        runs.append(replay_series(tmp_path / f"{name}.yaml", data, 90, tmp_path / f"{name}.scores.csv"))
+    plain, with_critical = runs
+    assert with_critical.firing.any()
+    np.testing.assert_array_equal(with_critical.firing, plain.firing)
+    np.testing.assert_array_equal(with_critical.score, plain.score)
+    np.testing.assert_array_equal(with_critical.threshold, plain.threshold)
+    # The spike crossed the critical rule (3x the warning threshold, both from the same errors).
+    scored = ~np.isnan(plain.score)
+    assert (plain.score[scored] > 3 * plain.threshold[scored]).any()
