@@ -16,6 +16,11 @@ squared error are left out, they are O(W·H) against O(W·H²)):
 
     total = W·(8H(D+H) + 16H² + 2HD) + 4HL      (W=64, D=1, H=32, L=16: 1.595 MFLOP)
 
+The GFLOP/s and % columns count these nominal FLOPs for both engines. The ONNX Runtime graph
+does less of them: it folds from_latent into the decoder's input weights (the decoder reads
+the L-wide latent), so its decoder input costs W·8HL, not W·8H² (W=64, D=1, H=32, L=16: 1.333
+MFLOP executed, 83.5% of nominal). Compare engines by windows/s.
+
 Usage:
     python benchmarks/model_throughput.py            # default subset (about 2 minutes on 2 cores)
     python benchmarks/model_throughput.py --full     # every W, D, H, batch size 1..1024
