@@ -232,13 +232,18 @@ class WindowStore:
     def slots(self, entities: list[str]) -> np.ndarray:
         """Slot of each entity, creating slots for new ones."""
         slot_of = self.slot_of
-        out = np.empty(len(entities), np.int64)
-        for i, entity in enumerate(entities):
-            slot = slot_of.get(entity)
-            if slot is None:
-                slot = self._new_slot(entity)
-            out[i] = slot
-        return out
+        # Looked up in C (`map`, `list.index`): a Python loop with a numpy store per sample costs
+        # several times more.
+        found = list(map(slot_of.get, entities))
+        at = -1
+        while True:
+            try:
+                at = found.index(None, at + 1)
+            except ValueError:
+                break
+            slot = slot_of.get(entities[at])  # new, unless it was new earlier in the batch
+            found[at] = self._new_slot(entities[at]) if slot is None else slot
+        return np.array(found, np.int64)
 
     def count(self, slot: int) -> int:
         return int(self._count[slot])
@@ -395,7 +400,8 @@ class WindowStore:
         keep = rank >= group_len - w
         cells = seq[keep] % w
         rows = order[keep]
-        self._values[s_slots[keep], cells] = batch.values[rows]
+        # Flat indices into the rings: one index array is faster than two.
+        self._values.reshape(-1, self.n_features)[s_slots[keep] * w + cells] = batch.values[rows]
         self._write_steps(s_slots[keep], cells, steps[keep])
         last = np.flatnonzero(np.r_[first[1:], True])  # last sample of each group
         self._count[s_slots[last]] += rank[last] + 1
@@ -445,14 +451,16 @@ class WindowStore:
         ring_cell = (before[due][:, None] - w + offsets) % w
         batch_pos = group_start[due][:, None] + offsets - w  # index into the sorted batch
         batch_pos = np.where(from_ring, 0, batch_pos)
-        ring_values = self._values[slot[:, None], ring_cell]
+        # Flat indices into the rings: `np.take` is twice as fast as indexing with two arrays.
+        flat = slot[:, None] * w + ring_cell
+        ring_values = np.take(self._values.reshape(-1, self.n_features), flat, axis=0)
         new_values = batch.values[order[batch_pos]]
         values = np.where(from_ring[..., None], ring_values, new_values)
         # A window starting in the ring: the ring cells after its start (columns 1 on, up to the
         # ring's end) hold the steps from its start to the entity's latest sample before this
         # batch, the tail. (Rows starting in the batch sum harmless cells, then take the batch's.)
         after_start = from_ring[:, 1:]
-        steps = self._steps[slot[:, None], ring_cell[:, 1:]]
+        steps = np.take(self._steps.reshape(-1), flat[:, 1:])
         to_tail = (steps * after_start).sum(axis=1, dtype=np.int64)  # 2x faster than sum(where=)
         if self._wide_steps:
             for i, j in np.argwhere(after_start & (steps == _WIDE_STEP)).tolist():

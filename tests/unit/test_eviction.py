@@ -31,7 +31,7 @@ from test_pipeline import (  # noqa: F401 (checkpoint is a fixture)
 )
 from test_service import STREAM as SERVICE_STREAM
 from test_service import FakeConsumer, write
-from test_window import IDENTITY, make_batch
+from test_window import IDENTITY, assert_index_consistent, make_batch
 
 from detector.config import Scoring, load_config
 from detector.model import Checkpoint, save_checkpoint
@@ -141,6 +141,35 @@ def test_evicted_slots_are_reused_so_memory_stays_bounded() -> None:
     assert len(store.entity_of) == 16  # two cohorts' worth of slots, never more
     assert len(store) == 8
     assert capacity[1] >= 16 and set(capacity[1:]) == {capacity[1]}  # grown once, then never again
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 400), st.integers(0, 2**32), st.sampled_from([1, 3, 50]), st.lists(st.integers(0, 2000), max_size=5)
+)
+def test_many_entities_churning_keep_the_index_and_windows_exact(n_entities, seed, idle_steps, cuts) -> None:
+    # Entities come and go by the hundred: the index deletes, reuses and rebuilds its entries,
+    # slots are reused, and windows and evictions match the reference.
+    rng = np.random.default_rng(seed)
+    n = 4 * n_entities
+    names = rng.integers(0, n_entities, n)
+    entities = [f"e{i}" for i in names.tolist()]
+    times = np.cumsum(rng.choice([0, 1, 1, 2, 90, 2**31], n)).tolist()
+    values = np.arange(2 * n, dtype=np.float32).reshape(n, 2)
+    idle = idle_steps * 2
+    store = WindowStore(3, 1, 2, IDENTITY, capacity=1, idle_evict_ms=idle)
+    got_starts, got_evictions = [], []
+    for lo, hi in itertools.pairwise([0, *sorted(min(c, n) for c in cuts), n]):
+        if lo == hi:
+            continue
+        ready, _ = store.append(make_batch(entities[lo:hi], times[lo:hi], values[lo:hi]), False)
+        got_starts.extend(zip((ready.rows + lo).tolist(), ready.start_ms.tolist(), strict=True))
+        got_evictions.extend(zip(store.evicted.entities, (store.evicted.rows + lo).tolist(), strict=True))
+        assert_index_consistent(store)
+    windows, _, evictions, live = reference(entities, times, values, 3, 1, idle, False)
+    assert got_starts == [(row, start) for row, start, _ in windows]
+    assert sorted(got_evictions) == [(e, row) for e, _, row in evictions]
+    assert len(store) == live
 
 
 def test_no_eviction_without_idle_setting() -> None:

@@ -217,3 +217,139 @@ def test_values_within_the_training_magnitude_stay_within_one_over_relative_min_
     store = WindowStore(1, 1, 1, scaler)
     ready, _ = store.append(make_batch(["a"], [1], np.array([[x]], np.float32)))
     assert abs(float(ready.values[0, 0, 0])) <= (1.0 / rel) * (1 + 1e-3) + 1e-3
+
+
+# --- timestamps: regular, jittered and irregular steps, escapes, growth -----------------------
+
+
+def windows_of(store: WindowStore, entities, times, values, cuts):
+    """(rows, starts, ends, windows) of `store` fed the stream cut at `cuts`, in arrival order."""
+    rows, starts, ends, windows = [], [], [], []
+    for lo, hi in itertools.pairwise([0, *cuts, len(entities)]):
+        if lo == hi:
+            continue
+        ready, late = store.append(make_batch(entities[lo:hi], times[lo:hi], values[lo:hi]), drop_out_of_order=False)
+        assert len(late) == 0
+        rows.extend((ready.rows + lo).tolist())
+        starts.extend(ready.start_ms.tolist())
+        ends.extend(ready.end_ms.tolist())
+        windows.extend(ready.values)
+    return rows, starts, ends, windows
+
+
+def assert_matches_reference(store: WindowStore, entities, times, values, size, stride, cuts) -> None:
+    rows, starts, ends, windows = windows_of(store, entities, times, values, cuts)
+    expected = reference_windows(entities, times, values, size, stride)
+    assert rows == [row for row, _, _ in expected]
+    assert starts == [start for _, start, _ in expected]
+    assert ends == [times[row] for row, _, _ in expected]
+    for got, (_, _, want) in zip(windows, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def assert_index_consistent(store: WindowStore) -> None:
+    # Every live entity is found at its slot, and no other name is.
+    live = np.flatnonzero(store._live[: len(store.entity_of)]).tolist()
+    assert dict(store.slot_of) == {store.entity_of[s]: s for s in live}
+    assert len(store) == len(live)
+    assert store.slots([store.entity_of[s] for s in live]).tolist() == live
+
+
+CADENCES = [1, 1_000, 60_000, 300_000, DAY_MS]
+
+
+@st.composite
+def cadence_streams(draw):
+    """Entities each with a cadence and a jitter (some beyond int16), rare escapes (missed
+    samples, steps back, huge silences), interleaved in any order."""
+    n_entities = draw(st.integers(1, 8))
+    per_entity = []
+    for e in range(n_entities):
+        cadence = draw(st.sampled_from(CADENCES))
+        jitter = draw(st.sampled_from([0, 7, 500, 30_000, 32_767, 40_000]))
+        k = draw(st.integers(1, 40))
+        steps = [
+            draw(
+                st.one_of(
+                    st.integers(cadence - jitter, cadence + jitter),
+                    st.integers(cadence - jitter, cadence + jitter),
+                    st.integers(cadence - jitter, cadence + jitter),
+                    st.sampled_from([2 * cadence, -cadence, 0, *HUGE_STEPS]),
+                )
+            )
+            for _ in range(k - 1)
+        ]
+        start = draw(st.integers(-(2**45), 2**45))
+        per_entity.append([(f"e{e}", t) for t in (start + np.cumsum([0, *steps])).tolist()])
+    # Interleave the entities' samples in any order, each entity's in its own order.
+    order = draw(st.permutations([e for e, samples in enumerate(per_entity) for _ in samples]))
+    taken = [0] * n_entities
+    entities, times = [], []
+    for e in order:
+        name, t = per_entity[e][taken[e]]
+        taken[e] += 1
+        entities.append(name)
+        times.append(t)
+    n = len(entities)
+    values = np.arange(2 * n, dtype=np.float32).reshape(n, 2)
+    size = draw(st.integers(2, 12))
+    stride = draw(st.integers(1, 4))
+    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=6)))
+    return entities, times, values, size, stride, cuts
+
+
+@settings(max_examples=300, deadline=None)
+@given(cadence_streams())
+def test_jittered_cadences_with_escapes_match_reference(case) -> None:
+    # Regular steps with jitter up to and beyond int16, missed samples, steps back and silences
+    # beyond int32: every window stays exact.
+    entities, times, values, size, stride, cuts = case
+    store = WindowStore(size, stride, 2, IDENTITY, capacity=1)
+    assert_matches_reference(store, entities, times, values, size, stride, cuts)
+    assert_index_consistent(store)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.integers(0, 40 * DAY_MS), min_size=1, max_size=150),
+    st.integers(1, 30),
+    st.integers(2, 12),
+    st.lists(st.integers(0, 150), max_size=6),
+)
+def test_irregular_steps_match_reference(steps, n_entities, size, cuts) -> None:
+    # Random steps from ms to weeks (card transactions).
+    n = len(steps)
+    entities = [f"card-{i % n_entities}" for i in range(n)]
+    times = (1_700_000_000_000 + np.cumsum(steps)).tolist()
+    values = np.arange(2 * n, dtype=np.float32).reshape(n, 2)
+    store = WindowStore(size, 1, 2, IDENTITY, capacity=1)
+    assert_matches_reference(store, entities, times, values, size, 1, sorted(min(c, n) for c in cuts))
+    assert_index_consistent(store)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 300), st.integers(0, 2**32), st.lists(st.integers(0, 3000), max_size=5))
+def test_growth_keeps_every_slot(n_entities, seed, cuts) -> None:
+    # From capacity 1, many entities, some regular and some irregular, arrive in any batching: the
+    # store and its index grow, and windows stay exact.
+    rng = np.random.default_rng(seed)
+    per = 8
+    regular = rng.random(n_entities) < 0.5
+    steps = np.where(
+        regular[:, None],
+        60_000 + rng.integers(-30_000, 30_000, (n_entities, per), endpoint=True),
+        rng.exponential(3_600_000, (n_entities, per)).astype(np.int64),
+    )
+    times = 1_700_000_000_000 + np.cumsum(steps, axis=1)
+    # The entities' samples interleaved at random, each entity's in its own order.
+    ent = rng.permutation(np.repeat(np.arange(n_entities), per))
+    rank = np.empty(len(ent), np.int64)
+    rank[np.argsort(ent, kind="stable")] = np.arange(len(ent)) % per
+    entities = [f"host-{e}" for e in ent.tolist()]
+    flat = times[ent, rank]
+    n = len(entities)
+    values = rng.standard_normal((n, 2)).astype(np.float32)
+    store = WindowStore(4, 1, 2, IDENTITY, capacity=1)
+    assert_matches_reference(store, entities, flat.tolist(), values, 4, 1, sorted(min(c, n) for c in cuts))
+    assert len(store) == n_entities
+    assert_index_consistent(store)
