@@ -52,11 +52,16 @@ def streams(draw):
     steps = draw(st.lists(st.one_of(ordinary, ordinary, st.sampled_from(HUGE_STEPS)), min_size=n, max_size=n))
     start = draw(st.one_of(st.just(1_700_000_000_000), st.integers(-(2**50), 2**50)))
     times = (start + np.cumsum(steps)).tolist()
+    return entities, times, *draw_layout(draw, n, max_stride=5)
+
+
+def draw_layout(draw, n: int, max_stride: int):
+    """Values for `n` samples, a window size and stride, and where the stream is cut into batches."""
     values = np.arange(2 * n, dtype=np.float32).reshape(n, 2)
     size = draw(st.integers(2, 12))
-    stride = draw(st.integers(1, 5))
+    stride = draw(st.integers(1, max_stride))
     cuts = sorted(draw(st.lists(st.integers(0, n), max_size=6)))
-    return entities, times, values, size, stride, cuts
+    return values, size, stride, cuts
 
 
 @settings(max_examples=400, deadline=None)
@@ -66,24 +71,7 @@ def test_windows_match_reference_for_any_batching(case) -> None:
     # windows; window values and start/end timestamps are exact whatever the steps.
     entities, times, values, size, stride, cuts = case
     store = WindowStore(size, stride, 2, IDENTITY, capacity=1)
-    got_rows, got_starts, got_ends, got_windows = [], [], [], []
-    bounds = [0, *cuts, len(entities)]
-    for lo, hi in itertools.pairwise(bounds):
-        if lo == hi:
-            continue
-        batch = make_batch(entities[lo:hi], times[lo:hi], values[lo:hi])
-        ready, late = store.append(batch, drop_out_of_order=False)
-        assert len(late) == 0
-        got_rows.extend((ready.rows + lo).tolist())
-        got_starts.extend(ready.start_ms.tolist())
-        got_ends.extend(ready.end_ms.tolist())
-        got_windows.extend(ready.values)
-    expected = reference_windows(entities, times, values, size, stride)
-    assert got_rows == [row for row, _, _ in expected]
-    assert got_starts == [start for _, start, _ in expected]
-    assert got_ends == [times[row] for row, _, _ in expected]
-    for got, (_, _, want) in zip(got_windows, expected, strict=True):
-        np.testing.assert_array_equal(got, want)
+    assert_matches_reference(store, entities, times, values, size, stride, cuts)
 
 
 def test_a_silence_beyond_int32_milliseconds_is_exact_and_forgotten_once_out_of_the_ring() -> None:
@@ -290,12 +278,7 @@ def cadence_streams(draw):
         taken[e] += 1
         entities.append(name)
         times.append(t)
-    n = len(entities)
-    values = np.arange(2 * n, dtype=np.float32).reshape(n, 2)
-    size = draw(st.integers(2, 12))
-    stride = draw(st.integers(1, 4))
-    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=6)))
-    return entities, times, values, size, stride, cuts
+    return entities, times, *draw_layout(draw, len(entities), max_stride=4)
 
 
 @settings(max_examples=300, deadline=None)
