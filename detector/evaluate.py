@@ -46,7 +46,7 @@ from typing import Literal, TextIO, TypeVar
 
 import numpy as np
 
-from detector.config import Stream
+from detector.config import Stream, load_config
 from detector.errors import InputError
 
 T = TypeVar("T")
@@ -376,7 +376,6 @@ def warning_only(stream: Stream) -> Stream:
 def replay_series(config_path: Path, data: Path, train_rows: int, scores_out: Path) -> ReplayedSeries:
     """Train on the first `train_rows` rows of `data`, score the rest, and read the scores back
     (the threshold column is the warning threshold: `warning_only`)."""
-    from detector.config import load_config
     from detector.replay import TrainSplit, replay_file
 
     started = time.monotonic()
@@ -495,7 +494,6 @@ def evaluate_nab(
 
     Profiles default to `data_dir/nab/profiles.json`, or NAB's three when that file is absent.
     """
-    from detector.config import load_config
 
     if profiles is None:
         profiles_path = data_dir / "nab" / "profiles.json"
