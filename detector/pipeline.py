@@ -16,6 +16,7 @@ eviction happened, and `BatchResult.evicted` counts evictions (the daemon's
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -130,16 +131,21 @@ class Pipeline:
         self.rules = SeverityRules(stream.thresholds, self.checkpoint.errors, previous=self.rules)
         self.policy = self.policy.reconfigured(stream.alerts)
 
-    def swap_checkpoint(self, checkpoint: Checkpoint, scorer: Scorer | None = None) -> None:
+    def swap_checkpoint(
+        self, checkpoint: Checkpoint, scorer: Scorer | None = None, score_scale: float | None = None
+    ) -> None:
         """Score with `checkpoint` from the next batch on (call it between batches).
 
         Windows are kept (they hold raw values and are normalized with the new scaler), and
         so is the alert state: an open incident keeps its id and resolves under the new model;
         new events carry the new version. Thresholds are refit from the new checkpoint's error
-        statistics and dynamic ones start afresh, since they learned the old model's score
-        scale; the drift sample restarts for the same reason. Raises CheckpointError, changing
-        nothing, when the checkpoint's features or window size do not fit the stream. `scorer`:
-        one already built for `checkpoint` (see `_warm_scorer`).
+        statistics. Dynamic ones learned the old model's score scale: with `score_scale`, the
+        ratio of the new model's scores to the old one's on the same windows (a retraining
+        measures it on its held-out windows), each entity keeps its statistics scaled by it;
+        without it (a model from elsewhere) they start afresh. The drift sample restarts.
+        Raises CheckpointError, changing nothing, when the checkpoint's features or window
+        size do not fit the stream. `scorer`: one already built for `checkpoint` (see
+        `_warm_scorer`).
         """
         check_layout(checkpoint, self.stream, f"version {checkpoint.version}")
         if scorer is None:
@@ -147,7 +153,10 @@ class Pipeline:
         self.checkpoint = checkpoint
         self.scorer = scorer
         self.windows.rescale(checkpoint.scaler)
-        self.rules = SeverityRules(self.stream.thresholds, checkpoint.errors)
+        if score_scale is not None and math.isfinite(score_scale) and score_scale > 0:
+            self.rules = SeverityRules.carried(self.rules, checkpoint.errors, score_scale)
+        else:
+            self.rules = SeverityRules(self.stream.thresholds, checkpoint.errors)
         self.baselines.refit(checkpoint.errors)
         self.policy = self.policy.reconfigured(self.stream.alerts)
         self.policy.model_version = checkpoint.version
@@ -164,7 +173,8 @@ class Pipeline:
             # A batch boundary: the only place the model may change.
             finished = self.retrainer.step(self.checkpoint)
             if finished is not None and finished.checkpoint is not None:
-                self.swap_checkpoint(finished.checkpoint, finished.prepared)
+                scale = finished.candidate_error / finished.current_error if finished.current_error > 0 else None
+                self.swap_checkpoint(finished.checkpoint, finished.prepared, scale)
         n = len(batch)
         score = np.full(n, np.nan)
         threshold = np.full(n, np.nan)

@@ -10,8 +10,9 @@ a batch is a few vectorized numpy operations, no Python loop over windows.
 validates the copy and the current model on the most recent part of the reservoir (held
 out of the fine-tuning), and accepts the copy when its mean reconstruction error is at most
 (1 + `tolerance`) times the current model's. An accepted candidate's checkpoint carries its
-held-out errors, so thresholds refit from them when the pipeline swaps it in (and, with a
-model store, it is stored and promoted first).
+held-out errors, so thresholds refit from them when the pipeline swaps it in, and the
+ratio of the two models' held-out errors scales each entity's dynamic-threshold statistics
+across the swap (with a model store, it is stored and promoted first).
 
 In the background (the daemon), a worker thread hands the job to a `TrainingProcess`, a
 lower-priority child process that shares neither the GIL nor torch's thread setting with

@@ -73,6 +73,15 @@ class DynamicThreshold:
         self._rebased = np.zeros(0, np.bool_)
         self.cold_rows = np.zeros(0, np.bool_)  # of the latest `apply`: rows judged by `population`
 
+    def carry(self, previous: DynamicThreshold, factor: float) -> None:
+        """Take over `previous`'s per-entity state with every score it learned multiplied by
+        `factor` (a model swap that changed the score scale by that factor): each warm
+        entity's threshold becomes exactly `factor` times what it was, and stays warm."""
+        for name in ("_n", "_run", "_rebased"):
+            setattr(self, name, getattr(previous, name).copy())
+        for name, power in (("_mean", 1), ("_var", 2), ("_pending", 1), ("_ring", 1)):
+            setattr(self, name, getattr(previous, name) * factor**power)
+
     def restart(self, slot: int) -> None:
         """Forget the slot's statistics: it starts cold, as a new entity (a regime change)."""
         if slot < len(self._n):
@@ -244,6 +253,19 @@ class SeverityRules:
             severity[is_critical] = CRITICAL
             threshold = np.where(is_critical, crit, warn)
         return Severities(severity, threshold, cold)
+
+    @classmethod
+    def carried(cls, previous: SeverityRules, errors: ErrorStats, factor: float) -> SeverityRules:
+        """The same rules refit from a new model's `errors`, each dynamic rule keeping
+        `previous`'s per-entity statistics scaled by `factor`, the ratio of the new model's
+        scores to the old one's (a retrained model, compared on the same held-out windows).
+        Without it every entity would fall back to the population threshold until `warmup`
+        normal scores, and alert on its ordinary tail meanwhile."""
+        rules = cls(previous.config, errors)
+        for new, old in ((rules.warning, previous.warning), (rules.critical, previous.critical)):
+            if isinstance(new, DynamicThreshold) and isinstance(old, DynamicThreshold):
+                new.carry(old, factor)
+        return rules
 
     def restart(self, slot: int) -> None:
         """Forget what the rules learned about `slot` (its regime changed)."""

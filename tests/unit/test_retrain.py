@@ -239,6 +239,37 @@ def test_an_accepted_candidate_is_stored_promoted_and_swapped_in(checkpoint: Che
     assert pipeline.policy.model_version == new.version
 
 
+def test_a_retrained_model_keeps_each_entitys_dynamic_threshold_warm(checkpoint: Checkpoint) -> None:
+    # warmup 100: a restart at the swap could not warm up again within the swapping batch (20
+    # windows per entity), so a warm entity afterwards means its statistics were carried over
+    # (scaled by the held-out ratio; the exact scaling is test_threshold's property).
+    rule = {"rule": "dynamic", "method": "ewma", "k": 4.0, "alpha": 0.05, "warmup": 100}
+    s = stream(thresholds={"warning": rule}, retraining={**RETRAINING, "every_windows": 400})
+    pipeline = Pipeline("hosts", s, checkpoint)
+    data = samples(0, 400, seed=2)
+    slots = np.arange(len(ENTITIES), dtype=np.int64)
+    probe = np.zeros(len(slots))
+    for start in range(0, len(data), BATCH_ROWS):
+        before = pipeline.rules
+        before.warning.apply(slots, probe, update=False)
+        warm_before = not before.warning.cold_rows.any()
+        pipeline.process(data.take(np.arange(start, min(start + BATCH_ROWS, len(data)))))
+        if pipeline.rules is not before:
+            break
+    assert pipeline.retrainer is not None
+    swapped = pipeline.retrainer.results[-1]
+    assert swapped.outcome == "accepted" and pipeline.checkpoint is swapped.checkpoint
+    assert warm_before
+    after = pipeline.rules.warning.apply(slots, probe, update=False)
+    assert not pipeline.rules.warning.cold_rows.any()
+    population = swapped.checkpoint.errors.mean + 4.0 * swapped.checkpoint.errors.std
+    assert not np.allclose(after, population)
+    # A model from elsewhere (no measured ratio) restarts them: cold, on the population threshold.
+    pipeline.swap_checkpoint(swapped.checkpoint)
+    np.testing.assert_allclose(pipeline.rules.warning.apply(slots, probe, update=False), population)
+    assert pipeline.rules.warning.cold_rows.all()
+
+
 def test_a_replay_with_retraining_is_reproducible(checkpoint: Checkpoint) -> None:
     s = stream(retraining={**RETRAINING, "every_windows": 200})
     data = samples(0, 300, seed=4, shift=3.0)

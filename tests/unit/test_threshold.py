@@ -444,3 +444,46 @@ def test_severity_with_dynamic_warning_follows_each_entity() -> None:
     scores = np.array([1.0, 0.1, 1.1, 0.12, 0.9, 0.11, 1.0, 1.0])
     got = rules.apply(slots, scores)
     np.testing.assert_array_equal(got.severity, [NONE] * 7 + [WARNING])
+
+
+# --- carrying statistics over a model swap ---------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(dynamic_cases(), st.floats(0.05, 20.0))
+def test_carried_statistics_scale_every_threshold_by_the_factor(
+    case: tuple[DynamicRule, np.ndarray, np.ndarray, list[int]], factor: float
+) -> None:
+    # A swap to a model whose scores are `factor` times the old one's: the carried rule, fed
+    # the scaled scores, gives `factor` times the thresholds the old rule gives the old scores,
+    # warm entities stay warm, and cold ones keep the new population threshold.
+    rule, slots, scores, cuts = case
+    cut = cuts[0] if cuts else len(scores) // 2
+    old = DynamicThreshold(rule, POPULATION)
+    old.apply(slots[:cut], scores[:cut])
+    scaled_population = ErrorStats(POPULATION.sorted_errors * factor, POPULATION.mean * factor, POPULATION.std * factor)
+    new = DynamicThreshold(rule, scaled_population)
+    new.carry(old, factor)
+    expected = old.apply(slots[cut:], scores[cut:]) * factor
+    # atol: a rolling variance that should be 0 keeps rounding residue (scores up to 10, so
+    # sqrt(1e-14) ≈ 1e-7 before scaling).
+    np.testing.assert_allclose(new.apply(slots[cut:], scores[cut:] * factor), expected, rtol=1e-9, atol=1e-6 * factor)
+    np.testing.assert_array_equal(new.cold_rows, old.cold_rows)
+
+
+def test_carried_rules_keep_warm_entities_off_the_population_threshold() -> None:
+    rule = {"rule": "dynamic", "method": "ewma", "k": 2.0, "alpha": 0.1, "warmup": 3}
+    config = thresholds(rule, {**rule, "k": 4.0})
+    rules = SeverityRules(config, POPULATION)
+    slots, scores = one_slot([0.1, 0.12, 0.08, 0.11])
+    before = rules.apply(slots, scores)
+    assert not before.cold[-1]
+    # The new model's held-out errors are twice the old one's: population 2 + 2·1 = 4.
+    new_errors = ErrorStats(POPULATION.sorted_errors * 2, 2.0, 1.0)
+    carried = SeverityRules.carried(rules, new_errors, 2.0)
+    after = carried.apply(np.zeros(1, np.int64), np.array([0.2]))
+    assert not after.cold[0]
+    assert after.threshold[0] == pytest.approx(2 * rules.apply(np.zeros(1, np.int64), np.array([0.1])).threshold[0])
+    # Rebuilt without carrying, the entity is cold again and judged by the population threshold.
+    fresh = SeverityRules(config, new_errors).apply(np.zeros(1, np.int64), np.array([0.2]))
+    assert fresh.cold[0] and fresh.threshold[0] == pytest.approx(4.0)
