@@ -71,7 +71,7 @@ class _Sender:
         if self.name == "confluent-kafka":
             from confluent_kafka import Producer
 
-            self._ck = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": 1, "log_level": 3})
+            self._ck = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "acks": 1, "log_level": 3})
         else:
             from kafka import KafkaProducer
 

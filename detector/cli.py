@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=int, default=2, help="series replayed in parallel (one torch thread each)")
     b = bench.add_parser("smd", help="Server Machine Dataset: train per machine, point/event/point-adjusted F1")
     b.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="holds smd/train, test, labels")
-    b.add_argument("--config", type=Path, default=Path("configs/system-metrics.yaml"))
+    b.add_argument("--config", type=Path, default=Path("configs/server-metrics.yaml"))
     b.add_argument("--machines", default=",".join(SMD_MACHINE_NAMES), help="comma-separated (default: all four)")
     b.add_argument("--out", type=Path, default=Path("build/eval/smd"), help="results.json, results.csv, scores/")
     b.add_argument("--jobs", type=int, default=2, help="machines trained in parallel (one torch thread each)")

@@ -256,6 +256,16 @@ class QuantileRule(_Model):
     factor: float = Field(1.0, gt=0, description="multiplies the quantile")
 
 
+class SigmaRule(_Model):
+    """The held-out validation errors' mean + `k`·std (from the checkpoint): a fixed threshold
+    that a dynamic rule's population threshold also uses, without per-entity learning.
+    For scores whose normal range the held-out windows already show (many metrics of one
+    host, scored by their newest step: `configs/server-metrics.yaml`)."""
+
+    rule: Literal["sigma"] = Field(description="selects this rule")
+    k: float = Field(gt=0, description="standard deviations of the validation errors above their mean")
+
+
 class DynamicRule(_Model):
     """mean + k·std of each entity's own recent normal scores (EWMA or a rolling window), or
     median + k·1.4826·MAD of a rolling window (`median`, robust to heavy-tailed scores).
@@ -297,12 +307,12 @@ class DynamicRule(_Model):
     )
 
 
-Rule = Annotated[StaticRule | QuantileRule | DynamicRule, Field(discriminator="rule")]
+Rule = Annotated[StaticRule | QuantileRule | SigmaRule | DynamicRule, Field(discriminator="rule")]
 
 
 class Thresholds(_Model):
     """A score above `warning` is anomalous; above `critical` too, it is critical. Each is a
-    rule: `static`, `quantile` or `dynamic` (below); the two may be of different kinds."""
+    rule: `static`, `quantile`, `sigma` or `dynamic` (below); the two may be of different kinds."""
 
     warning: Rule = Field(
         default_factory=lambda: QuantileRule(rule="quantile", q=0.995), description="rule for an anomalous window"
@@ -310,9 +320,9 @@ class Thresholds(_Model):
     critical: Rule | None = Field(
         None,
         description="rule for a critical one; `null`: none. Refused when provably never above `warning` (same rule "
-        "with comparable parameters: a lower or equal static `value`; `q` and `factor` both lower or equal; the same "
-        "dynamic statistics with a lower or equal `k`). Mixed rule kinds (e.g. quantile warning, static critical) "
-        "are allowed and not checked",
+        "with comparable parameters: a lower or equal static `value`; `q` and `factor` both lower or equal; a lower or "
+        "equal sigma `k`; the same dynamic statistics with a lower or equal `k`). Mixed rule kinds (e.g. quantile "
+        "warning, static critical) are allowed and not checked",
     )
 
     @field_validator("critical")
@@ -333,6 +343,8 @@ class Thresholds(_Model):
                 f"critical (q {c.q:g}, factor {c.factor:g}) is never above warning (q {w.q:g}, factor "
                 f"{w.factor:g}); raise the critical q or factor"
             )
+        if isinstance(w, SigmaRule) and isinstance(c, SigmaRule) and c.k <= w.k:
+            raise ValueError(f"critical k {c.k:g} must be above the warning k {w.k:g}")
         if isinstance(w, DynamicRule) and isinstance(c, DynamicRule) and _same_statistics(w, c) and c.k <= w.k:
             raise ValueError(f"critical k {c.k:g} must be above the warning k {w.k:g} (same {c.method} statistics)")
         return c
@@ -583,7 +595,11 @@ class Scoring(_Model):
         "first; offsets are committed once per batch",
     )
     batch_wait_ms: int = Field(
-        200, ge=1, le=600_000, description="`detector run`: the longest a micro-batch waits after its first record"
+        200,
+        ge=1,
+        le=600_000,
+        description="`detector run`: the longest a micro-batch waits after its first record (counted from when the "
+        "previous batch began processing, for records that arrived meanwhile)",
     )
 
 

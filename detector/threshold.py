@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detector.config import DynamicRule, QuantileRule, Rule, StaticRule, Thresholds
+from detector.config import DynamicRule, QuantileRule, Rule, SigmaRule, StaticRule, Thresholds
 from detector.model import ErrorStats
 
 NONE, WARNING, CRITICAL = 0, 1, 2
@@ -189,6 +189,8 @@ def build_rule(rule: Rule, errors: ErrorStats) -> ThresholdRule:
         return StaticThreshold(rule.value)
     if isinstance(rule, QuantileRule):
         return StaticThreshold(errors.quantile(rule.q) * rule.factor)
+    if isinstance(rule, SigmaRule):
+        return StaticThreshold(errors.mean + rule.k * errors.std)
     if isinstance(rule, DynamicRule):
         return DynamicThreshold(rule, errors)
     raise TypeError(f"unknown threshold rule {rule!r}")

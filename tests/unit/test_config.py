@@ -371,6 +371,7 @@ def test_n_greater_than_m() -> None:
             {"rule": "dynamic", "k": 4, "regime_after": 70},
             "critical k 4 must be above the warning k 4 (same ewma statistics)",
         ),
+        ({"rule": "sigma", "k": 8}, {"rule": "sigma", "k": 6}, "critical k 6 must be above the warning k 8"),
     ],
 )
 def test_critical_never_above_warning_is_refused(warning: Any, critical: Any, message: str) -> None:
@@ -390,6 +391,9 @@ def test_critical_never_above_warning_is_refused(warning: Any, critical: Any, me
         ({"rule": "quantile", "q": 0.99}, {"rule": "quantile", "q": 0.999}),
         ({"rule": "static", "value": 1}, {"rule": "static", "value": 1.5}),
         ({"rule": "dynamic", "k": 3}, {"rule": "dynamic", "k": 5}),
+        ({"rule": "sigma", "k": 8}, {"rule": "sigma", "k": 12}),
+        # A dynamic rule's population threshold is sigma's, but its own statistics may be lower.
+        ({"rule": "sigma", "k": 8}, {"rule": "dynamic", "k": 4}),
         # Different statistics: k alone does not order them.
         ({"rule": "dynamic", "k": 4}, {"rule": "dynamic", "k": 3, "alpha": 0.1}),
         ({"rule": "dynamic", "k": 4}, {"rule": "dynamic", "k": 3, "warmup": 10}),

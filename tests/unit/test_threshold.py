@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from detector.config import DynamicRule, QuantileRule, StaticRule, Thresholds
+from detector.config import DynamicRule, QuantileRule, SigmaRule, StaticRule, Thresholds
 from detector.model import ErrorStats
 from detector.threshold import CRITICAL, NONE, WARNING, DynamicThreshold, SeverityRules, StaticThreshold, build_rule
 
@@ -91,6 +91,16 @@ def test_error_stats_subsample_keeps_range_order_and_exact_moments() -> None:
     assert np.all(np.diff(stats.sorted_errors) > 0)
     assert stats.mean == pytest.approx(49_999.5)
     assert stats.quantile(0.5) == pytest.approx(49_999.5, rel=1e-3)
+
+
+def test_sigma_rule_is_validation_mean_plus_k_std_the_population_threshold_of_a_dynamic_rule() -> None:
+    errors = ErrorStats.from_errors(np.arange(101, dtype=np.float32))  # mean 50, std sqrt(850)
+    rule = build_rule(SigmaRule(rule="sigma", k=8.0), errors)
+    assert isinstance(rule, StaticThreshold)
+    assert rule.value == pytest.approx(50.0 + 8.0 * 850**0.5)
+    # The same number a cold entity of a dynamic rule with that k is judged by.
+    dynamic_rule = DynamicThreshold(DynamicRule(rule="dynamic", k=8.0), errors)
+    assert dynamic_rule.apply(*one_slot([0.0]))[0] == pytest.approx(rule.value)
 
 
 def test_build_rule_static() -> None:
