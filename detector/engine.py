@@ -106,10 +106,15 @@ def onnx_graph(model: RecurrentAutoencoder, window_size: int) -> Any:
         return reordered
 
     def recurrent(
-        rnn: nn.Module, x: str, prefix: str, first_input: tuple[np.ndarray, np.ndarray] | None = None
+        rnn: nn.Module,
+        x: str,
+        prefix: str,
+        first_input: tuple[np.ndarray, np.ndarray] | None = None,
+        sequence: bool = True,
     ) -> tuple[str, str]:
         """Stacked layers over x (W, B, in): the top layer's outputs (W, B, H) and last state (B, H).
-        `first_input`: the first layer's input weight and bias, in torch's layout, when not its own."""
+        `first_input`: the first layer's input weight and bias, in torch's layout, when not its own.
+        Without `sequence` the top layer writes no outputs, only its last state ("" for them)."""
         last = ""
         for layer in range(spec.num_layers):
             p = f"{prefix}{layer}"
@@ -123,15 +128,18 @@ def onnx_graph(model: RecurrentAutoencoder, window_size: int) -> Any:
             attrs: dict[str, Any] = {"hidden_size": hidden}
             if spec.cell == "gru":
                 attrs["linear_before_reset"] = 1  # torch applies the reset gate after the recurrent matmul
-            outputs = [f"{p}_y", f"{p}_h"]
+            top_only = not sequence and layer == spec.num_layers - 1
+            outputs = ["" if top_only else f"{p}_y", f"{p}_h"]
             nodes.append(helper.make_node(_ONNX_OP[spec.cell], [x, w_ih, w_hh, bias], outputs, name=p, **attrs))
-            x = node("Squeeze", [f"{p}_y", axis1], f"{p}_seq")  # (W, 1, B, H) -> (W, B, H)
+            x = "" if top_only else node("Squeeze", [f"{p}_y", axis1], f"{p}_seq")  # (W, 1, B, H) -> (W, B, H)
             last = node("Squeeze", [f"{p}_h", axis0], f"{p}_last")  # (1, B, H) -> (B, H)
         return x, last
 
     axis0, axis1 = const("axis0", np.array([0], np.int64)), const("axis1", np.array([1], np.int64))
     time_major = node("Transpose", ["windows"], "time_major", perm=[1, 0, 2])
-    encoded, last = recurrent(model.encoder, time_major, "encoder")
+    # Only attention reads the encoder's outputs; otherwise its top layer writes none (a (W, B, H)
+    # buffer per pass, as large as the windows times H).
+    encoded, last = recurrent(model.encoder, time_major, "encoder", sequence=spec.attention)
     to_latent, from_latent = model.to_latent, model.from_latent
     latent = node(
         "Tanh",
@@ -158,13 +166,17 @@ def onnx_graph(model: RecurrentAutoencoder, window_size: int) -> Any:
         "steps",
     )
     decoded, _ = recurrent(model.decoder, steps, "decoder", folded)
-    decoded = node("Transpose", [decoded], "decoded_bwh", perm=[1, 0, 2])
+    # Without attention the error is taken time-major, (W, B, D) against the transposed input,
+    # so the decoder's (W, B, H) outputs are never transposed (D is usually far below H).
+    target, time_axis = time_major, axis0
     if spec.attention:
+        decoded = node("Transpose", [decoded], "decoded_bwh", perm=[1, 0, 2])
         encoded = node("Transpose", [encoded], "encoded_bwh", perm=[1, 0, 2])
         logits = node("MatMul", [decoded, node("Transpose", [encoded], "encoded_bhw", perm=[0, 2, 1])], "logits")
         scaled = node("Div", [logits, const("sqrt_h", np.array(hidden**0.5, np.float32))], "scaled")
         context = node("MatMul", [node("Softmax", [scaled], "attention", axis=-1), encoded], "context")
         decoded = node("Concat", [decoded, context], "decoded_ctx", axis=-1)
+        target, time_axis = "windows", axis1
     out = model.output
     recon = node(
         "Add",
@@ -172,16 +184,16 @@ def onnx_graph(model: RecurrentAutoencoder, window_size: int) -> Any:
          const("output_b", out.bias.detach().numpy())],
         "recon",
     )  # fmt: skip
-    diff = node("Sub", [recon, "windows"], "diff")
+    diff = node("Sub", [recon, target], "diff")
     squared = node("Mul", [diff, diff], "squared")
     if spec.score_last_steps is not None:
         first = max(w - spec.score_last_steps, 0)
         squared = node(
             "Slice",
-            [squared, const("from", np.array([first], np.int64)), const("to", np.array([w], np.int64)), axis1],
+            [squared, const("from", np.array([first], np.int64)), const("to", np.array([w], np.int64)), time_axis],
             "tail",
         )
-    node("ReduceMean", [squared], "per_feature", axes=[1], keepdims=0)
+    node("ReduceMean", [squared], "per_feature", axes=[0 if time_axis == axis0 else 1], keepdims=0)
     node("ReduceMean", ["per_feature"], "per_window", axes=[1], keepdims=0)
 
     d = model.output.out_features
