@@ -262,6 +262,38 @@ def test_a_failing_alerts_topic_stops_the_daemon_without_committing_the_batch(
     assert "not committed" in message
 
 
+def test_a_busy_daemon_closes_the_next_batch_at_once_an_idle_one_waits(tmp_path: Path) -> None:
+    # Records a poll returns right after a batch may have arrived while that batch was being
+    # processed: their wait counts from when processing began. Processing takes 0.25 s here (a
+    # slow sink), longer than batch_wait_ms, so each such record is a batch of its own at once;
+    # after an empty poll (idle), the next records wait batch_wait_ms as usual and go together.
+    daemon = build_daemon(tmp_path, scoring={"batch_records": 3, "batch_wait_ms": 200})
+
+    class SlowSink:
+        kind = "log"
+
+        def emit(self, alerts: list[Any]) -> None:
+            time.sleep(0.25)
+
+        def close(self) -> None:
+            pass
+
+    sizes: list[int] = []
+    process = daemon.process
+
+    def counted(records: list[Any]) -> None:
+        sizes.append(len(records))
+        process(records)
+
+    daemon.process = counted  # type: ignore[method-assign]
+    daemon.sinks = [SlowSink()]
+    daemon.consumer = FakeConsumer(
+        [[record(0), record(1), record(2)], [record(3)], [record(4)], [], [record(5)], [record(6)]], daemon
+    )
+    assert daemon.run() == 0
+    assert sizes == [3, 1, 1, 2]
+
+
 def get(url: str, method: str = "GET") -> tuple[int, str]:
     request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     try:
