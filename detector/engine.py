@@ -168,7 +168,7 @@ def onnx_graph(model: RecurrentAutoencoder, window_size: int) -> Any:
     decoded, _ = recurrent(model.decoder, steps, "decoder", folded)
     # Without attention the error is taken time-major, (W, B, D) against the transposed input,
     # so the decoder's (W, B, H) outputs are never transposed (D is usually far below H).
-    target, time_axis = time_major, axis0
+    target, time_dim = time_major, 0
     if spec.attention:
         decoded = node("Transpose", [decoded], "decoded_bwh", perm=[1, 0, 2])
         encoded = node("Transpose", [encoded], "encoded_bwh", perm=[1, 0, 2])
@@ -176,7 +176,7 @@ def onnx_graph(model: RecurrentAutoencoder, window_size: int) -> Any:
         scaled = node("Div", [logits, const("sqrt_h", np.array(hidden**0.5, np.float32))], "scaled")
         context = node("MatMul", [node("Softmax", [scaled], "attention", axis=-1), encoded], "context")
         decoded = node("Concat", [decoded, context], "decoded_ctx", axis=-1)
-        target, time_axis = "windows", axis1
+        target, time_dim = "windows", 1
     out = model.output
     recon = node(
         "Add",
@@ -190,10 +190,15 @@ def onnx_graph(model: RecurrentAutoencoder, window_size: int) -> Any:
         first = max(w - spec.score_last_steps, 0)
         squared = node(
             "Slice",
-            [squared, const("from", np.array([first], np.int64)), const("to", np.array([w], np.int64)), time_axis],
+            [
+                squared,
+                const("from", np.array([first], np.int64)),
+                const("to", np.array([w], np.int64)),
+                axis0 if time_dim == 0 else axis1,
+            ],
             "tail",
         )
-    node("ReduceMean", [squared], "per_feature", axes=[0 if time_axis == axis0 else 1], keepdims=0)
+    node("ReduceMean", [squared], "per_feature", axes=[time_dim], keepdims=0)
     node("ReduceMean", ["per_feature"], "per_window", axes=[1], keepdims=0)
 
     d = model.output.out_features
