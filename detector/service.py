@@ -39,6 +39,7 @@ commits back until their receiver acknowledged the alerts (see `detector.sinks`)
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -1020,4 +1021,9 @@ def run_daemon(config: Config, config_path: Path | None) -> int:
     for sink in daemon.sinks:
         if isinstance(sink, AlertmanagerSink | WebhookSink):
             sink.close_timeout_s = grace / 2  # the rest of the grace period is for Kafka
+    # What start-up built (torch, ONNX Runtime, the models, the clients: about 200,000 objects)
+    # lives as long as the process. Frozen, a full collection no longer walks it: measured at
+    # 10,000 events/s, each one stalled the loop 86-145 ms before and 1-22 ms after, and those
+    # stalls were the p99 latency.
+    gc.freeze()
     return daemon.run()
