@@ -494,7 +494,6 @@ def evaluate_nab(
 
     Profiles default to `data_dir/nab/profiles.json`, or NAB's three when that file is absent.
     """
-
     if profiles is None:
         profiles_path = data_dir / "nab" / "profiles.json"
         profiles = load_profiles(profiles_path) if profiles_path.exists() else NAB_PROFILES
