@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -263,59 +262,36 @@ def test_a_failing_alerts_topic_stops_the_daemon_without_committing_the_batch(
     assert "not committed" in message
 
 
-def test_the_loop_polls_while_a_batch_is_scored_and_scores_batches_in_order(tmp_path: Path) -> None:
-    # Scoring runs on its own thread: while one batch is scored (0.25 s here, a slow sink), the
-    # loop goes on polling, and the next batch closes once full; it is handed over only when the
-    # one before it is done and committed, so batches are scored and committed in order.
+def test_a_busy_daemon_closes_the_next_batch_at_once_an_idle_one_waits(tmp_path: Path) -> None:
+    # Records a poll returns right after a batch may have arrived while that batch was being
+    # processed: their wait counts from when processing began. Processing takes 0.25 s here (a
+    # slow sink), longer than batch_wait_ms, so each such record is a batch of its own at once;
+    # after an empty poll (idle), the next records wait batch_wait_ms as usual and go together.
     daemon = build_daemon(tmp_path, scoring={"batch_records": 3, "batch_wait_ms": 200})
-    scoring = threading.Event()
-    polls_while_scoring: list[int] = []
-    events: list[str] = []
 
     class SlowSink:
         kind = "log"
 
         def emit(self, alerts: list[Any]) -> None:
-            scoring.set()
             time.sleep(0.25)
-            scoring.clear()
 
         def close(self) -> None:
             pass
 
-    class Consumer(FakeConsumer):
-        def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[Any]]:
-            if scoring.is_set():
-                polls_while_scoring.append(len(self.batches))
-            return super().poll(timeout_ms, max_records)
+    sizes: list[int] = []
+    process = daemon.process
 
-        def commit(self, offsets: dict[Any, Any]) -> None:
-            super().commit(offsets)
-            events.append(f"commit {self.commits[-1][('metrics', 0)]}")
+    def counted(records: list[Any]) -> None:
+        sizes.append(len(records))
+        process(records)
 
-    score_batch = daemon._score_batch
-
-    def scored(records: list[Any]) -> Any:
-        where = "main" if threading.current_thread() is threading.main_thread() else "scoring thread"
-        events.append(f"score {len(records)} on the {where}")
-        return score_batch(records)
-
-    daemon._score_batch = scored  # type: ignore[method-assign]
+    daemon.process = counted  # type: ignore[method-assign]
     daemon.sinks = [SlowSink()]
-    consumer = Consumer([[record(0), record(1), record(2)], [record(3)], [record(4)], [], [record(5)], [record(6)]], daemon)
-    daemon.consumer = consumer
+    daemon.consumer = FakeConsumer(
+        [[record(0), record(1), record(2)], [record(3)], [record(4)], [], [record(5)], [record(6)]], daemon
+    )
     assert daemon.run() == 0
-    assert len(polls_while_scoring) >= 4  # [3], [4], [] and [5] came in while [0, 1, 2] was scored
-    # The last record was still pending at the stop: processed and committed on the main thread.
-    assert events == [
-        "score 3 on the scoring thread",
-        "commit 3",
-        "score 3 on the scoring thread",
-        "commit 6",
-        "score 1 on the main",
-        "commit 7",
-    ]
-    assert consumer.closed
+    assert sizes == [3, 1, 1, 2]
 
 
 def get(url: str, method: str = "GET") -> tuple[int, str]:
