@@ -266,6 +266,28 @@ class SigmaRule(_Model):
     k: float = Field(gt=0, description="standard deviations of the validation errors above their mean")
 
 
+class PotRule(_Model):
+    """Peaks over threshold (extreme value theory, the fixed form of SPOT, Siffer et al., KDD
+    2017): a generalized Pareto distribution is fitted to the held-out validation errors
+    (from the checkpoint) above their `level` quantile, and the threshold is the score that
+    distribution says a normal window exceeds with probability `q`. Unlike `quantile`, it
+    reaches past the largest held-out error when `q` is below one over their number."""
+
+    rule: Literal["pot"] = Field(description="selects this rule")
+    q: float = Field(
+        1e-4, gt=0, lt=1, description="risk: the probability that a normal window scores above the threshold"
+    )
+    level: float = Field(
+        0.98, ge=0.5, lt=1, description="quantile of the validation errors where the fitted tail starts"
+    )
+
+    @model_validator(mode="after")
+    def _risk_in_tail(self) -> PotRule:
+        if self.q >= 1 - self.level:
+            raise ValueError(f"q {self.q:g} must be below 1 - level ({1 - self.level:g}): the tail starts there")
+        return self
+
+
 class DynamicRule(_Model):
     """mean + k·std of each entity's own recent normal scores (EWMA or a rolling window), or
     median + k·1.4826·MAD of a rolling window (`median`, robust to heavy-tailed scores).
@@ -307,12 +329,12 @@ class DynamicRule(_Model):
     )
 
 
-Rule = Annotated[StaticRule | QuantileRule | SigmaRule | DynamicRule, Field(discriminator="rule")]
+Rule = Annotated[StaticRule | QuantileRule | SigmaRule | PotRule | DynamicRule, Field(discriminator="rule")]
 
 
 class Thresholds(_Model):
     """A score above `warning` is anomalous; above `critical` too, it is critical. Each is a
-    rule: `static`, `quantile`, `sigma` or `dynamic` (below); the two may be of different kinds."""
+    rule: `static`, `quantile`, `sigma`, `pot` or `dynamic` (below); the two may be of different kinds."""
 
     warning: Rule = Field(
         default_factory=lambda: QuantileRule(rule="quantile", q=0.995), description="rule for an anomalous window"
@@ -321,7 +343,8 @@ class Thresholds(_Model):
         None,
         description="rule for a critical one; `null`: none. Refused when provably never above `warning` (same rule "
         "with comparable parameters: a lower or equal static `value`; `q` and `factor` both lower or equal; a lower or "
-        "equal sigma `k`; the same dynamic statistics with a lower or equal `k`). Mixed rule kinds (e.g. quantile "
+        "equal sigma `k`; a pot `q` as high or higher at the same `level`; the same dynamic statistics with a lower or "
+        "equal `k`). Mixed rule kinds (e.g. quantile "
         "warning, static critical) are allowed and not checked",
     )
 
@@ -345,6 +368,10 @@ class Thresholds(_Model):
             )
         if isinstance(w, SigmaRule) and isinstance(c, SigmaRule) and c.k <= w.k:
             raise ValueError(f"critical k {c.k:g} must be above the warning k {w.k:g}")
+        if isinstance(w, PotRule) and isinstance(c, PotRule) and c.level == w.level and c.q >= w.q:
+            raise ValueError(
+                f"critical q {c.q:g} must be below the warning q {w.q:g} (a smaller risk is a higher score)"
+            )
         if isinstance(w, DynamicRule) and isinstance(c, DynamicRule) and _same_statistics(w, c) and c.k <= w.k:
             raise ValueError(f"critical k {c.k:g} must be above the warning k {w.k:g} (same {c.method} statistics)")
         return c

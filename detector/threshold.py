@@ -8,14 +8,20 @@ raise the bar for the others.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from detector.config import DynamicRule, QuantileRule, Rule, SigmaRule, StaticRule, Thresholds
+from detector.config import DynamicRule, PotRule, QuantileRule, Rule, SigmaRule, StaticRule, Thresholds
 from detector.model import ErrorStats
 
+log = logging.getLogger(__name__)
+
 NONE, WARNING, CRITICAL = 0, 1, 2
+# Fewer peaks than this above the `pot` rule's level quantile give no usable tail fit.
+POT_MIN_PEAKS = 10
 MAD_TO_STD = 1.4826  # the MAD of a normal distribution times this is its std
 SEVERITY_NAMES = ("none", "warning", "critical")
 
@@ -191,9 +197,48 @@ def build_rule(rule: Rule, errors: ErrorStats) -> ThresholdRule:
         return StaticThreshold(errors.quantile(rule.q) * rule.factor)
     if isinstance(rule, SigmaRule):
         return StaticThreshold(errors.mean + rule.k * errors.std)
+    if isinstance(rule, PotRule):
+        return StaticThreshold(pot_threshold(errors.sorted_errors, rule.q, rule.level))
     if isinstance(rule, DynamicRule):
         return DynamicThreshold(rule, errors)
     raise TypeError(f"unknown threshold rule {rule!r}")
+
+
+def pot_threshold(errors: np.ndarray, q: float, level: float) -> float:
+    """The score a normal window exceeds with probability `q`, by peaks over threshold: the
+    errors above their `level` quantile t, less t, are fitted with a generalized Pareto
+    distribution (maximum likelihood, scipy), whose tail gives
+    t + scale/shape · ((q·n/peaks)^-shape - 1), or t - scale · log(q·n/peaks) at shape 0.
+
+    With fewer than `POT_MIN_PEAKS` errors above t (a model that reconstructs its held-out
+    windows almost equally well, say a constant series) there is no tail to fit: the largest
+    error is the threshold, and a warning says so.
+
+    Shape:
+        errors: (K,) validation errors
+    """
+    from scipy.stats import genpareto
+
+    errors = np.asarray(errors, np.float64)
+    start = float(np.quantile(errors, level))
+    peaks = errors[errors > start] - start
+    if len(peaks) < POT_MIN_PEAKS:
+        largest = float(errors.max()) if len(errors) else 0.0
+        log.warning(
+            "pot threshold: %d validation error(s) above their %g quantile (%d needed to fit a tail); "
+            "using the largest validation error, %g",
+            len(peaks),
+            level,
+            POT_MIN_PEAKS,
+            largest,
+        )
+        return largest
+    fitted = genpareto.fit(peaks, floc=0.0)
+    shape, scale = float(fitted[0]), float(fitted[2])
+    ratio = q * len(errors) / len(peaks)
+    if abs(shape) < 1e-9:
+        return start - scale * math.log(ratio)
+    return start + scale / shape * (math.pow(ratio, -shape) - 1.0)
 
 
 @dataclass

@@ -281,6 +281,14 @@ def test_empty_feature_list() -> None:
     assert only_problem(data).startswith("streams.web.mapping.features: ")
 
 
+def test_a_pot_risk_outside_the_fitted_tail_is_refused_at_its_path() -> None:
+    data = base()
+    data["streams"]["web"]["thresholds"] = {"warning": {"rule": "pot", "q": 0.05, "level": 0.98}}
+    problem = only_problem(data)
+    assert problem.startswith("streams.web.thresholds.warning: "), problem
+    assert "q 0.05 must be below 1 - level (0.02)" in problem
+
+
 @pytest.mark.parametrize(
     ("where", "value", "path", "tag"),
     [
@@ -372,6 +380,8 @@ def test_n_greater_than_m() -> None:
             "critical k 4 must be above the warning k 4 (same ewma statistics)",
         ),
         ({"rule": "sigma", "k": 8}, {"rule": "sigma", "k": 6}, "critical k 6 must be above the warning k 8"),
+        ({"rule": "pot", "q": 1e-4}, {"rule": "pot", "q": 1e-3}, "critical q 0.001 must be below the warning q 0.0001"),
+        ({"rule": "pot", "q": 1e-4}, {"rule": "pot", "q": 1e-4}, "critical q 0.0001 must be below the warning q"),
     ],
 )
 def test_critical_never_above_warning_is_refused(warning: Any, critical: Any, message: str) -> None:
@@ -392,6 +402,9 @@ def test_critical_never_above_warning_is_refused(warning: Any, critical: Any, me
         ({"rule": "static", "value": 1}, {"rule": "static", "value": 1.5}),
         ({"rule": "dynamic", "k": 3}, {"rule": "dynamic", "k": 5}),
         ({"rule": "sigma", "k": 8}, {"rule": "sigma", "k": 12}),
+        ({"rule": "pot", "q": 1e-3}, {"rule": "pot", "q": 1e-4}),
+        # Tails fitted from different quantiles: q alone does not order them.
+        ({"rule": "pot", "q": 1e-4}, {"rule": "pot", "q": 1e-3, "level": 0.9}),
         # A dynamic rule's population threshold is sigma's, but its own statistics may be lower.
         ({"rule": "sigma", "k": 8}, {"rule": "dynamic", "k": 4}),
         # Different statistics: k alone does not order them.

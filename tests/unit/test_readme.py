@@ -91,7 +91,7 @@ def test_reference_rows_name_every_field_with_type_and_default() -> None:
     assert "| `grad_clip` | float > 0 or `null` | 1.0 |" in text
     assert "| `features` | non-empty list of objects | required |" in text
     assert (
-        "| `warning` | object, `rule`: `static` \\| `quantile` \\| `sigma` \\| `dynamic` "
+        "| `warning` | object, `rule`: `static` \\| `quantile` \\| `sigma` \\| `pot` \\| `dynamic` "
         "| `{rule: quantile, q: 0.995}` |" in text
     )
     # Each union member has its own table, and a reused model is listed once with all its paths.
