@@ -2,6 +2,7 @@
 numpy reference."""
 
 from collections import defaultdict
+from collections.abc import Callable
 from itertools import pairwise
 
 import numpy as np
@@ -122,12 +123,12 @@ def test_sigma_rule_is_validation_mean_plus_k_std_the_population_threshold_of_a_
     ],
 )
 def test_pot_threshold_finds_the_true_tail_quantile_beyond_the_largest_error(
-    name: str, draw: object, true_quantile: object
+    name: str, draw: Callable[[np.random.Generator, int], np.ndarray], true_quantile: Callable[[float], float]
 ) -> None:
     rng = np.random.default_rng(0)
-    errors = draw(rng, 20_000)  # type: ignore[operator]
+    errors = draw(rng, 20_000)
     q = 1e-5  # one in 100,000: five times rarer than the rarest of the 20,000 errors
-    expected = true_quantile(q)  # type: ignore[operator]
+    expected = true_quantile(q)
     assert errors.max() < expected
     assert pot_threshold(errors, q, level=0.98) == pytest.approx(expected, rel=0.2), name
     # The rule reads the checkpoint's (subsampled, sorted) validation errors.
