@@ -272,9 +272,10 @@ class PotRule(_Model):
     (from the checkpoint) above their `level` quantile, and the threshold is the score that
     distribution says a normal window exceeds with probability `q`. Unlike `quantile`, it
     reaches past the largest held-out error when `q` is below one over their number. The fit
-    needs 10 errors above the `level` quantile (500 held-out windows at 0.98, a retraining's
-    held-out sample included); with fewer, the largest held-out error is the threshold, and a
-    warning says so."""
+    needs 10 errors above the `level` quantile (500 held-out windows at 0.98); with fewer, the
+    largest held-out error is the threshold and a warning says so, except after a retraining,
+    whose smaller held-out sample keeps the previous threshold scaled by the new model's error
+    ratio."""
 
     rule: Literal["pot"] = Field(description="selects this rule")
     q: float = Field(

@@ -198,21 +198,29 @@ def build_rule(rule: Rule, errors: ErrorStats) -> ThresholdRule:
     if isinstance(rule, SigmaRule):
         return StaticThreshold(errors.mean + rule.k * errors.std)
     if isinstance(rule, PotRule):
-        return StaticThreshold(pot_threshold(errors.sorted_errors, rule.q, rule.level))
+        value = pot_threshold(errors.sorted_errors, rule.q, rule.level)
+        if value is None:
+            value = float(errors.sorted_errors.max()) if len(errors.sorted_errors) else 0.0
+            log.warning(
+                "pot threshold: fewer than %d validation errors above their %g quantile, no tail to fit; "
+                "using the largest validation error, %g",
+                POT_MIN_PEAKS,
+                rule.level,
+                value,
+            )
+        return StaticThreshold(value)
     if isinstance(rule, DynamicRule):
         return DynamicThreshold(rule, errors)
     raise TypeError(f"unknown threshold rule {rule!r}")
 
 
-def pot_threshold(errors: np.ndarray, q: float, level: float) -> float:
+def pot_threshold(errors: np.ndarray, q: float, level: float) -> float | None:
     """The score a normal window exceeds with probability `q`, by peaks over threshold: the
     errors above their `level` quantile t, less t, are fitted with a generalized Pareto
     distribution (maximum likelihood, scipy), whose tail gives
     t + scale/shape · ((q·n/peaks)^-shape - 1), or t - scale · log(q·n/peaks) at shape 0.
-
-    With fewer than `POT_MIN_PEAKS` errors above t (a model that reconstructs its held-out
-    windows almost equally well, say a constant series) there is no tail to fit: the largest
-    error is the threshold, and a warning says so.
+    None with fewer than `POT_MIN_PEAKS` errors above t: no tail to fit (a model that
+    reconstructs its held-out windows almost equally well, say a constant series).
 
     Shape:
         errors: (K,) validation errors
@@ -220,19 +228,10 @@ def pot_threshold(errors: np.ndarray, q: float, level: float) -> float:
     from scipy.stats import genpareto
 
     errors = np.asarray(errors, np.float64)
-    start = float(np.quantile(errors, level))
+    start = float(np.quantile(errors, level)) if len(errors) else 0.0
     peaks = errors[errors > start] - start
     if len(peaks) < POT_MIN_PEAKS:
-        largest = float(errors.max()) if len(errors) else 0.0
-        log.warning(
-            "pot threshold: %d validation error(s) above their %g quantile (%d needed to fit a tail); "
-            "using the largest validation error, %g",
-            len(peaks),
-            level,
-            POT_MIN_PEAKS,
-            largest,
-        )
-        return largest
+        return None
     fitted = genpareto.fit(peaks, floc=0.0)
     shape, scale = float(fitted[0]), float(fitted[2])
     ratio = q * len(errors) / len(peaks)
@@ -256,26 +255,51 @@ class Severities:
     cold: np.ndarray
 
 
+def _built(
+    rule: Rule, errors: ErrorStats, old: ThresholdRule | None, carry: tuple[SeverityRules, float] | None
+) -> ThresholdRule:
+    """`build_rule`, or with `carry` (see `SeverityRules.carried`) the rule refit from a
+    retrained model's errors keeping what `old` learned, scaled by the carry's factor."""
+    if carry is None or old is None:
+        return build_rule(rule, errors)
+    factor = carry[1]
+    if isinstance(rule, PotRule) and isinstance(old, StaticThreshold):
+        value = pot_threshold(errors.sorted_errors, rule.q, rule.level)
+        return StaticThreshold(value if value is not None else old.value * factor)
+    new = build_rule(rule, errors)
+    if isinstance(new, DynamicThreshold) and isinstance(old, DynamicThreshold):
+        new.carry(old, factor)
+    return new
+
+
 class SeverityRules:
     """The warning rule and the optional critical rule of one stream.
 
     With `previous` (the rules in use before a reload), a severity whose rule is unchanged
     keeps its rule object, and so a dynamic threshold keeps its per-entity statistics; a
-    changed rule starts afresh.
+    changed rule starts afresh. `carry` is for `carried`.
     """
 
-    def __init__(self, config: Thresholds, errors: ErrorStats, previous: SeverityRules | None = None) -> None:
+    def __init__(
+        self,
+        config: Thresholds,
+        errors: ErrorStats,
+        previous: SeverityRules | None = None,
+        carry: tuple[SeverityRules, float] | None = None,
+    ) -> None:
         self.config = config
         self.warning: ThresholdRule
         if previous is not None and previous.config.warning == config.warning:
             self.warning = previous.warning
         else:
-            self.warning = build_rule(config.warning, errors)
+            self.warning = _built(config.warning, errors, carry[0].warning if carry else None, carry)
         self.critical: ThresholdRule | None
         if previous is not None and previous.config.critical == config.critical:
             self.critical = previous.critical
+        elif config.critical is None:
+            self.critical = None
         else:
-            self.critical = build_rule(config.critical, errors) if config.critical is not None else None
+            self.critical = _built(config.critical, errors, carry[0].critical if carry else None, carry)
 
     def apply(
         self, slots: np.ndarray, scores: np.ndarray, update: bool = True, population: np.ndarray | None = None
@@ -307,12 +331,11 @@ class SeverityRules:
         `previous`'s per-entity statistics scaled by `factor`, the ratio of the new model's
         scores to the old one's (a retrained model, compared on the same held-out windows).
         Without it every entity would fall back to the population threshold until `warmup`
-        normal scores, and alert on its ordinary tail meanwhile."""
-        rules = cls(previous.config, errors)
-        for new, old in ((rules.warning, previous.warning), (rules.critical, previous.critical)):
-            if isinstance(new, DynamicThreshold) and isinstance(old, DynamicThreshold):
-                new.carry(old, factor)
-        return rules
+        normal scores, and alert on its ordinary tail meanwhile. A pot rule whose new errors
+        hold too few peaks to fit keeps its old threshold times `factor`: the retrainer's
+        held-out sample (a fifth of its reservoir) is often that small, and the old fit, scaled
+        as the scores were, is then the better estimate."""
+        return cls(previous.config, errors, carry=(previous, factor))
 
     def restart(self, slot: int) -> None:
         """Forget what the rules learned about `slot` (its regime changed)."""

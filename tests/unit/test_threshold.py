@@ -151,20 +151,43 @@ def test_pot_threshold_starts_at_the_level_quantile_and_grows_as_the_risk_shrink
     low, high = sorted((q1, q2))
     start = np.quantile(values, level)
     rarer, commoner = pot_threshold(values, low, level), pot_threshold(values, high, level)
+    assume(rarer is not None and commoner is not None)  # at least 10 errors above the level quantile
+    assert rarer is not None and commoner is not None
     assert np.isfinite(rarer) and np.isfinite(commoner)
     assert commoner >= start - 1e-9 * max(1.0, abs(start))
     assert rarer >= commoner - 1e-9 * max(1.0, abs(commoner))
 
 
-def test_pot_threshold_without_a_tail_to_fit_is_the_largest_error_and_says_so(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_pot_rule_without_a_tail_to_fit_is_the_largest_error_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
     # A constant series' model reconstructs every held-out window equally well: nothing lies
     # above the level quantile.
-    errors = np.full(500, 0.25)
+    errors = ErrorStats.from_errors(np.full(500, 0.25, np.float32))
+    assert pot_threshold(errors.sorted_errors, 1e-4, level=0.98) is None
     with caplog.at_level("WARNING", logger="detector.threshold"):
-        assert pot_threshold(errors, 1e-4, level=0.98) == 0.25
-    assert "0 validation error(s) above their 0.98 quantile" in caplog.text
+        rule = build_rule(PotRule(rule="pot", q=1e-4), errors)
+    assert isinstance(rule, StaticThreshold)
+    assert rule.value == 0.25
+    assert "fewer than 10 validation errors above their 0.98 quantile" in caplog.text
+
+
+def test_a_carried_pot_rule_refits_when_it_can_and_else_scales_its_threshold() -> None:
+    # A retraining's held-out sample is a fifth of its reservoir: often too few peaks to fit a
+    # tail. The old fit, scaled as the new model's scores are, is then kept.
+    rng = np.random.default_rng(1)
+    config = thresholds({"rule": "pot", "q": 1e-4}, {"rule": "pot", "q": 1e-5})
+    rules = SeverityRules(config, ErrorStats.from_errors(rng.exponential(1.0, 20_000).astype(np.float32)))
+    assert isinstance(rules.warning, StaticThreshold) and isinstance(rules.critical, StaticThreshold)
+    assert rules.warning.value == pytest.approx(-np.log(1e-4), rel=0.2)
+    small = ErrorStats.from_errors(rng.exponential(2.0, 400).astype(np.float32))  # 8 above the 0.98 quantile
+    carried = SeverityRules.carried(rules, small, factor=2.0)
+    assert isinstance(carried.warning, StaticThreshold) and isinstance(carried.critical, StaticThreshold)
+    assert carried.warning.value == pytest.approx(2.0 * rules.warning.value)
+    assert carried.critical.value == pytest.approx(2.0 * rules.critical.value)
+    # Enough held-out windows: the new model's own tail.
+    large = ErrorStats.from_errors(rng.exponential(2.0, 20_000).astype(np.float32))
+    refit = SeverityRules.carried(rules, large, factor=1.0)
+    assert isinstance(refit.warning, StaticThreshold)
+    assert refit.warning.value == pytest.approx(-2.0 * np.log(1e-4), rel=0.2)
 
 
 def test_build_rule_static() -> None:
