@@ -164,7 +164,13 @@ def run(args: argparse.Namespace, workdir: Path, bootstrap: str, topic: str, bro
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entities", type=int, default=1000)
-    parser.add_argument("--rows", type=int, default=500, help="records per entity produced (one topic for all runs)")
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=1000,
+        help="records per entity produced (one topic for all runs); 500 let two daemons run the topic down "
+        "inside the timing at stride 1, use 2000 at stride 8",
+    )
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--processes", default="1,2", help="daemon counts to compare")
     parser.add_argument("--stride", type=int, default=1)
