@@ -255,14 +255,11 @@ class Severities:
     cold: np.ndarray
 
 
-def _built(
-    rule: Rule, errors: ErrorStats, old: ThresholdRule | None, carry: tuple[SeverityRules, float] | None
-) -> ThresholdRule:
-    """`build_rule`, or with `carry` (see `SeverityRules.carried`) the rule refit from a
-    retrained model's errors keeping what `old` learned, scaled by the carry's factor."""
-    if carry is None or old is None:
+def _built(rule: Rule, errors: ErrorStats, old: ThresholdRule | None, factor: float) -> ThresholdRule:
+    """`build_rule`, or with `old` (see `SeverityRules.carried`) the rule refit from a
+    retrained model's errors keeping what `old` learned, scaled by `factor`."""
+    if old is None:
         return build_rule(rule, errors)
-    factor = carry[1]
     if isinstance(rule, PotRule) and isinstance(old, StaticThreshold):
         value = pot_threshold(errors.sorted_errors, rule.q, rule.level)
         return StaticThreshold(value if value is not None else old.value * factor)
@@ -288,18 +285,19 @@ class SeverityRules:
         carry: tuple[SeverityRules, float] | None = None,
     ) -> None:
         self.config = config
+        factor = carry[1] if carry else 1.0
         self.warning: ThresholdRule
         if previous is not None and previous.config.warning == config.warning:
             self.warning = previous.warning
         else:
-            self.warning = _built(config.warning, errors, carry[0].warning if carry else None, carry)
+            self.warning = _built(config.warning, errors, carry[0].warning if carry else None, factor)
         self.critical: ThresholdRule | None
         if previous is not None and previous.config.critical == config.critical:
             self.critical = previous.critical
         elif config.critical is None:
             self.critical = None
         else:
-            self.critical = _built(config.critical, errors, carry[0].critical if carry else None, carry)
+            self.critical = _built(config.critical, errors, carry[0].critical if carry else None, factor)
 
     def apply(
         self, slots: np.ndarray, scores: np.ndarray, update: bool = True, population: np.ndarray | None = None
