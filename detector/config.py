@@ -348,8 +348,7 @@ class Thresholds(_Model):
         description="rule for a critical one; `null`: none. Refused when provably never above `warning` (same rule "
         "with comparable parameters: a lower or equal static `value`; `q` and `factor` both lower or equal; a lower or "
         "equal sigma `k`; a pot `q` as high or higher at the same `level`; the same dynamic statistics with a lower or "
-        "equal `k`). Mixed rule kinds (e.g. quantile "
-        "warning, static critical) are allowed and not checked",
+        "equal `k`). Mixed rule kinds (e.g. quantile warning, static critical) are allowed and not checked",
     )
 
     @field_validator("critical")
