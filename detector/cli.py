@@ -130,7 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-rows", help="first train on the first N rows (or N%%) of each entity, then score the rest")
     p.add_argument("--train-until", help="first train on rows before this timestamp, then score the rest")
     p.add_argument("--save-checkpoint", type=Path, help="with --train-rows/--train-until: keep the trained model here")
-    p.add_argument("--batch-rows", type=int, default=1024, help="rows per micro-batch (results do not depend on it)")
+    p.add_argument(
+        "--batch-rows",
+        type=int,
+        default=1024,
+        help="rows per micro-batch (results do not depend on it; with retraining by window count, "
+        "batches are at most `every_windows` rows, since retraining starts at a batch boundary)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("report", help="draw series, score, threshold and alerts per entity (PNG or HTML)")

@@ -315,6 +315,31 @@ def test_detector_replay_retrains_in_line_and_reproducibly(checkpoint: Checkpoin
     assert any(line.startswith("retrainings: ") for line in summary.lines())
 
 
+def test_replay_retrains_every_every_windows_whatever_its_batch_rows(checkpoint: Checkpoint, tmp_path: Path) -> None:
+    # Retraining starts at batch boundaries; replay's default 1,024-row batches used to make any
+    # `every_windows` below 1,024 retrain once per batch (here: once instead of about 5 times).
+    data = samples(0, END, seed=2)
+    lines = ["host,timestamp,a,b"] + [
+        f"{e},{t // 1000},{v[0]:.6f},{v[1]:.6f}"
+        for e, t, v in zip(data.entities, data.timestamps.tolist(), data.values, strict=True)
+    ]
+    (tmp_path / "live.csv").write_text("\n".join(lines) + "\n")
+    save_checkpoint(tmp_path / "model.pt", checkpoint)
+    spec = {
+        **SPEC,
+        "input": {"kind": "file", "path": "live.csv"},
+        "mapping": {**SPEC["mapping"], "timestamp_format": "unix_s"},
+        "checkpoint": "model.pt",
+        "retraining": RETRAINING,
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"streams": {"hosts": spec}}))
+    summary, _ = replay_file(load_config(tmp_path / "config.yaml"), None, None, tmp_path / "s.csv", progress=False)
+    every = RETRAINING["every_windows"]
+    assert summary.windows > 5 * every
+    # The last one falls due after the last batch, with no boundary left to start it at.
+    assert sum(summary.retrainings.values()) >= summary.windows // every - 1
+
+
 # --- level shifts and regime changes -----------------------------------------------------------
 
 
