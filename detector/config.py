@@ -163,6 +163,24 @@ class Window(_Model):
         return self
 
 
+class TimeOfDay(_Model):
+    """Time of day (its sine and cosine) as two more model inputs, so that a value normal in the
+    afternoon but not at night, or a daily pattern that skips a day, stands out. Decided at
+    training and kept in the checkpoint (see `detector.seasonality`)."""
+
+    use: Literal["auto", "always", "never"] = Field(
+        "never",
+        description="`auto`: when the training data has a daily rhythm (the median lag-one-day "
+        "autocorrelation of its features reaches `min_autocorrelation`); `always`; `never`",
+    )
+    min_autocorrelation: float = Field(
+        0.5, gt=-1.0, le=1.0, description="with `auto`: the daily autocorrelation that counts as a rhythm"
+    )
+    min_days: float = Field(
+        2.0, ge=1.0, description="with `auto`: days of training data an entity needs for its rhythm to be measured"
+    )
+
+
 class Normalization(_Model):
     """Scaling fitted on training data and stored in the checkpoint."""
 
@@ -528,6 +546,7 @@ class Stream(_Model):
     input: Input = Field(description="where records come from: `kind: kafka` or `kind: file` (below)")
     mapping: Mapping = Field(description="how a record becomes entity, timestamp and feature values")
     window: Window = Field(default_factory=Window, description="how samples are cut into windows")
+    time_of_day: TimeOfDay = Field(default_factory=TimeOfDay, description="time of day as model input")
     normalization: Normalization = Field(default_factory=Normalization, description="feature scaling")
     model: ModelSpec = Field(default_factory=ModelSpec, description="the autoencoder's shape")
     training: Training = Field(default_factory=Training, description="how `detector train` fits the model")
@@ -582,6 +601,9 @@ class Stream(_Model):
             "normalization": normalization,
             "model": model,
         }
+        if self.time_of_day.use != "never":
+            # Added later: leaving it out when unset keeps the hashes of earlier checkpoints valid.
+            parts["time_of_day"] = self.time_of_day.model_dump()
         blob = json.dumps(parts, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -28,8 +28,9 @@ from detector.config import Scoring, Stream
 from detector.drift import ScoreDrift
 from detector.engine import Scorer, make_scorer
 from detector.metrics import Metrics
-from detector.model import Checkpoint, check_layout
+from detector.model import Checkpoint, check_layout, check_same_inputs
 from detector.retrain import Retrainer, TrainingProcess
+from detector.seasonality import TIME_OF_DAY, with_time_of_day
 from detector.source import Rejection, SampleBatch
 from detector.store import CheckpointStore
 from detector.threshold import EntityBaselines, SeverityRules
@@ -102,8 +103,13 @@ class Pipeline:
             checkpoint.scaler,
             idle_evict_ms=None if idle_s is None else round(idle_s * 1000),
         )
+        # The model may take the time-of-day inputs after the stream's features (decided at
+        # training); they are appended to each batch here, and left out of alerts' top features.
+        self.n_features = len(stream.mapping.feature_names)
+        self.time_of_day = checkpoint.features[self.n_features :] == TIME_OF_DAY
         self.rules = SeverityRules(stream.thresholds, checkpoint.errors)
-        self.policy = AlertPolicy(name, stream.alerts, checkpoint.features, checkpoint.version, stream.regime)
+        features = checkpoint.features[: self.n_features]
+        self.policy = AlertPolicy(name, stream.alerts, features, checkpoint.version, stream.regime)
         self.baselines = EntityBaselines(
             stream.cold_start.warmup_windows, stream.regime.calibration_windows, checkpoint.errors
         )
@@ -148,6 +154,7 @@ class Pipeline:
         `_warm_scorer`).
         """
         check_layout(checkpoint, self.stream, f"version {checkpoint.version}")
+        check_same_inputs(checkpoint, self.checkpoint)
         if scorer is None:
             scorer = self._warm_scorer(checkpoint)
         self.checkpoint = checkpoint
@@ -175,6 +182,8 @@ class Pipeline:
             if finished is not None and finished.checkpoint is not None:
                 scale = finished.candidate_error / finished.current_error if finished.current_error > 0 else None
                 self.swap_checkpoint(finished.checkpoint, finished.prepared, scale)
+        if self.time_of_day:
+            batch = with_time_of_day(batch)
         n = len(batch)
         score = np.full(n, np.nan)
         threshold = np.full(n, np.nan)
@@ -206,7 +215,7 @@ class Pipeline:
                 sev.severity,
                 scores,
                 sev.threshold,
-                per_feature,
+                per_feature[:, : self.n_features],
                 ready.start_ms,
                 ready.end_ms,
                 sev.cold,
@@ -268,6 +277,7 @@ class Pipeline:
         levels = self.baselines.incident_levels(slots, means, firing, self.policy.regime_changes, skip)
         for row, level in levels.items():
             slot = int(slots[row])
+            level[self.n_features :] = center[row, self.n_features :]  # time of day has no level to shift
             self.windows.recentre(slot, level)
             self.baselines.start_regime(slot, self.rules)
             log.info("stream %s: entity %s changed regime; re-based", self.name, self.windows.entity_of[slot])

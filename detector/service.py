@@ -62,7 +62,7 @@ from detector.alerts import Alert, LogSink, Sink
 from detector.config import Config, KafkaInput, Stream, load_config
 from detector.errors import ConfigError, DetectorError
 from detector.metrics import HealthServer, Metrics
-from detector.model import Checkpoint
+from detector.model import Checkpoint, check_same_inputs
 from detector.pipeline import BatchResult, Pipeline
 from detector.retrain import TrainingProcess
 from detector.sinks import (
@@ -629,7 +629,7 @@ class Daemon:
             if topic not in topics:
                 continue
             rows = range(len(records)) if len(topics) == 1 else [i for i, r in enumerate(records) if r.topic == topic]
-            n_features = len(rt.checkpoint.features)
+            n_features = rt.pipeline.n_features  # decoded features; the pipeline adds time of day
             refill, fresh = BatchBuilder(n_features), BatchBuilder(n_features)
             decode = rt.decoder.decode_bytes
             for i in rows:
@@ -916,6 +916,7 @@ class Daemon:
                     version = store.promoted()
                     if version is not None and version != rt.checkpoint.version:
                         swaps[name] = store.load(version, rt.stream)
+                        check_same_inputs(swaps[name], rt.checkpoint)
         except DetectorError as exc:
             self.metrics.reloads.labels("failure").inc()
             self.metrics.reload_success.set(0)

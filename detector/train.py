@@ -3,7 +3,9 @@
 `fit` takes decoded samples (any number of entities, in arrival order), fits the scaler,
 cuts windows exactly as the pipeline will, holds out the latest part of each entity's
 windows for validation, trains with early stopping, and returns a `Checkpoint` whose error
-statistics come from those held-out windows.
+statistics come from those held-out windows. With `time_of_day` (see `detector.seasonality`)
+it first decides whether the model gets the time-of-day inputs, and names them in the
+checkpoint's features if so.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tqdm import tqdm
 from detector.config import Stream
 from detector.errors import InputError
 from detector.model import Checkpoint, ErrorStats, RecurrentAutoencoder, new_version, score_windows
+from detector.seasonality import TIME_OF_DAY, wants_time_of_day, with_time_of_day
 from detector.source import Rejection, SampleBatch
 from detector.window import Scaler, WindowStore
 
@@ -97,6 +100,11 @@ def fit(
         raise InputError("no usable training rows")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    features = tuple(stream.mapping.feature_names)
+    daily, why = wants_time_of_day(stream.time_of_day, samples)
+    log.info("stream %s: time of day %s as model input (%s)", stream_name, "added" if daily else "not added", why)
+    if daily:
+        samples, features = with_time_of_day(samples), features + TIME_OF_DAY
     scaler = Scaler.fit(samples.values, samples.entities, stream.normalization)
     windows, slots = training_windows(stream, samples, scaler, skipped)
     if rejected is not None:
@@ -173,7 +181,7 @@ def fit(
         model=model,
         scaler=scaler,
         errors=ErrorStats.from_errors(val_errors),
-        features=tuple(stream.mapping.feature_names),
+        features=features,
         window_size=stream.window.size,
         version=new_version(stream_name, model),
         layout_hash=stream.layout_hash(),
@@ -188,5 +196,6 @@ def fit(
             "first_ms": int(samples.timestamps.min()),
             "last_ms": int(samples.timestamps.max()),
             "seconds": round(time.monotonic() - started, 2),
+            "time_of_day": why,
         },
     )

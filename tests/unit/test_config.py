@@ -679,6 +679,7 @@ def test_layout_hash_is_stable() -> None:
         {"model__latent_size": 2},
         {"normalization__method": "standard"},
         {"normalization__relative_min_scale": 0.01},
+        {"time_of_day__use": "auto"},
     ],
 )
 def test_layout_hash_changes_with_what_the_model_depends_on(change: dict[str, Any]) -> None:
@@ -802,6 +803,21 @@ def test_score_last_steps_changes_the_layout_only_when_set() -> None:
     data = base()
     data["streams"]["web"]["model"] = {"score_last_steps": 1}
     assert parse_config(yaml.safe_dump(data))[0].streams["web"].layout_hash() != before
+
+
+@pytest.mark.parametrize(
+    ("section", "problem"),
+    [
+        ({"use": "sometimes"}, "streams.web.time_of_day.use: Input should be 'auto', 'always' or 'never'"),
+        ({"min_autocorrelation": 1.5}, "streams.web.time_of_day.min_autocorrelation: Input should be less than"),
+        ({"min_days": 0.5}, "streams.web.time_of_day.min_days: Input should be greater than or equal to 1"),
+        ({"days": 2}, "streams.web.time_of_day.days: Extra inputs are not permitted"),
+    ],
+)
+def test_time_of_day_errors_name_the_yaml_path(section: dict[str, Any], problem: str) -> None:
+    data = base()
+    data["streams"]["web"]["time_of_day"] = section
+    assert only_problem(data).startswith(problem)
 
 
 def test_a_bearer_token_variable_that_is_not_set_names_its_path(monkeypatch: pytest.MonkeyPatch) -> None:
