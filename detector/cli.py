@@ -157,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--series", default="*", help="glob over category/file.csv (default: all)")
     b.add_argument("--out", type=Path, default=Path("build/eval/nab"), help="results.json, results.csv, scores/")
     b.add_argument("--jobs", type=int, default=2, help="series replayed in parallel (one torch thread each)")
+    b.add_argument(
+        "--seeds",
+        help="run once per training seed (`0-4` or `0,3,7`), each under OUT/seed-N/, and print the mean and "
+        "standard deviation: one seed moves the score by about 2 points",
+    )
     b = bench.add_parser("smd", help="Server Machine Dataset: train per machine, point/event/point-adjusted F1")
     b.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="holds smd/train, test, labels")
     b.add_argument("--config", type=Path, default=Path("configs/server-metrics.yaml"))
@@ -306,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from detector.evaluate import evaluate_nab, print_nab_report, write_nab_report
 
+        if args.seeds is not None:
+            return _evaluate_nab_seeds(args)
         report = evaluate_nab(args.data_dir, args.config, args.out, args.series, max(1, args.jobs))
         print_nab_report(report)
         json_path, csv_path = write_nab_report(report, args.out)
@@ -322,6 +329,37 @@ def run(args: argparse.Namespace) -> int:
 
         return run_demo(args.workdir, args.seed, args.config, offline=args.offline, speed=args.speed)
     raise AssertionError(args.command)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`0-4` → [0, 1, 2, 3, 4]; `0,3,7` → [0, 3, 7]. Raises ValueError on anything else."""
+    if "-" in text:
+        first, last = (int(part) for part in text.split("-", 1))
+        seeds = list(range(first, last + 1))
+    else:
+        seeds = [int(part) for part in text.split(",")]
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"{text!r}: give seeds as FIRST-LAST or a comma-separated list of distinct seeds >= 0")
+    return seeds
+
+
+def _evaluate_nab_seeds(args: argparse.Namespace) -> int:
+    import json
+
+    from detector.evaluate import evaluate_nab_seeds, print_seed_summary, write_nab_report
+
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        print(f"detector evaluate nab: --seeds: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    reports = evaluate_nab_seeds(args.data_dir, args.config, args.out, seeds, args.series, max(1, args.jobs))
+    for seed, report in reports:
+        write_nab_report(report, args.out / f"seed-{seed}")
+    summary = print_seed_summary(reports)
+    (args.out / "seeds.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {args.out}/seed-N/results.json and {args.out}/seeds.json", file=sys.stderr)
+    return EXIT_OK
 
 
 def store_trained(stream: Stream, data: Path | None, ckpt: Checkpoint, promote: bool) -> str:

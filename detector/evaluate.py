@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Literal, TextIO, TypeVar
 
 import numpy as np
+import yaml
 
 from detector.config import Stream, load_config
 from detector.errors import InputError
@@ -530,6 +531,66 @@ def evaluate_nab(
         jobs,
         tuple(profiles),
     )
+
+
+def seed_config(config_path: Path, seed: int, out: Path) -> Path:
+    """A copy of the config at `out`, with every stream's `training.seed` set to `seed`.
+
+    A single run moves by about ±2 NAB points with the training seed alone (docs/results.md,
+    round 8), so comparing configs on one seed compares luck as much as settings.
+    """
+    data = yaml.safe_load(config_path.read_text())
+    for stream in (data.get("streams") or {}).values():
+        stream.setdefault("training", {})["seed"] = seed
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    load_config(out)  # relative paths now resolve from `out`: fails here if the copy is not valid
+    return out
+
+
+def evaluate_nab_seeds(
+    data_dir: Path, config_path: Path, out: Path, seeds: Sequence[int], pattern: str = "*", jobs: int = 2
+) -> list[tuple[int, NabReport]]:
+    """`evaluate_nab` once per training seed, each under `out/seed-<n>/` with its config copy."""
+    reports = []
+    for seed in seeds:
+        folder = out / f"seed-{seed}"
+        copy = seed_config(config_path, seed, folder / "config.yaml")
+        reports.append((seed, evaluate_nab(data_dir, copy, folder, pattern, jobs)))
+    return reports
+
+
+def print_seed_summary(reports: list[tuple[int, NabReport]], file: TextIO | None = None) -> dict[str, object]:
+    """Each seed's normalized scores (alert events), windows found and false positives, then
+    their mean and standard deviation; returns the same as data for `seeds.json`."""
+    stream = file if file is not None else sys.stdout
+    profiles = reports[0][1].profiles
+    first = profiles[0].name
+    names = [p.name for p in profiles]
+    rows: list[dict[str, float]] = []
+    for _, report in reports:
+        alerts = report.results["alerts"]
+        row = {name: alerts[name].normalized for name in names}
+        row["found"] = sum(s.detected for s in alerts[first].series)
+        row["false_positives"] = sum(s.false_positives for s in alerts[first].series)
+        rows.append(row)
+    columns = [*names, "found", "false_positives"]
+    heads = [c.replace("reward_", "").replace("_rate", "").replace("false_positives", "FP") for c in columns]
+    print(f"NAB over training seeds {', '.join(str(seed) for seed, _ in reports)} (alert events):", file=stream)
+    print(f"{'seed':<6}" + "".join(f"{h:>10}" for h in heads), file=stream)
+    for (seed, _), row in zip(reports, rows, strict=True):
+        print(f"{seed:<6}" + "".join(f"{row[c]:>10.1f}" for c in columns), file=stream)
+    table = np.array([[row[c] for c in columns] for row in rows])
+    mean, std = table.mean(axis=0), table.std(axis=0, ddof=1) if len(rows) > 1 else np.zeros(len(columns))
+    print(f"{'mean':<6}" + "".join(f"{m:>10.1f}" for m in mean), file=stream)
+    print(f"{'std':<6}" + "".join(f"{d:>10.1f}" for d in std), file=stream)
+    return {
+        "config": reports[0][1].config,
+        "seeds": [seed for seed, _ in reports],
+        "per_seed": rows,
+        "mean": dict(zip(columns, mean.tolist(), strict=True)),
+        "std": dict(zip(columns, std.tolist(), strict=True)),
+    }
 
 
 def print_nab_report(report: NabReport, file: TextIO | None = None) -> None:

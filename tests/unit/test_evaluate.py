@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from detector.cli import main
+from detector.cli import main, parse_seeds
 from detector.evaluate import (
     NAB_PROFILES,
     REWARD_LOW_FN,
@@ -258,6 +259,41 @@ def test_evaluate_nab_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert std["normalized"] > 50
     assert (out / "results.csv").read_text().count("\n") == 2 * 3 * 3 + 1
     assert (out / "scores" / "realX" / "b.scores.csv").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_nab_over_seeds_runs_each_seed_and_summarizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_corpus(tmp_path)
+    (tmp_path / "c.yaml").write_text(CONFIG)
+    out = tmp_path / "out"
+    args = ["evaluate", "nab", "--data-dir", str(tmp_path), "--config", str(tmp_path / "c.yaml"),
+            "--out", str(out), "--jobs", "1", "--seeds", "3-4"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "NAB over training seeds 3, 4 (alert events):" in printed
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [3, 4]
+    for seed, row in zip((3, 4), summary["per_seed"], strict=True):
+        config = yaml.safe_load((out / f"seed-{seed}" / "config.yaml").read_text())
+        assert config["streams"]["nab"]["training"]["seed"] == seed
+        doc = json.loads((out / f"seed-{seed}" / "results.json").read_text())
+        assert row["standard"] == doc["results"]["alerts"]["standard"]["normalized"]
+    per_seed = [row["standard"] for row in summary["per_seed"]]
+    assert summary["mean"]["standard"] == pytest.approx(sum(per_seed) / 2)
+    assert summary["std"]["standard"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / math.sqrt(2))
+
+
+@pytest.mark.parametrize(("text", "seeds"), [("0-4", [0, 1, 2, 3, 4]), ("7", [7]), ("0,3,7", [0, 3, 7])])
+def test_seed_lists(text: str, seeds: list[int]) -> None:
+    assert parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["", "4-2", "a", "1,1", "-1"])
+def test_bad_seed_lists_are_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_seeds(text)
 
 
 @pytest.mark.slow
