@@ -19,7 +19,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from detector.alerts import Alert
-from detector.config import AlertmanagerSinkConfig, Stream, load_config
+from detector.config import AlertmanagerSinkConfig, Config, Stream, load_config
 from detector.metrics import Metrics
 from detector.model import Checkpoint, ErrorStats, save_checkpoint
 from detector.pipeline import Pipeline
@@ -285,8 +285,8 @@ def test_a_replay_with_retraining_is_reproducible(checkpoint: Checkpoint) -> Non
     assert first.retrainer is not None and len(first.retrainer.results) >= 2
 
 
-def test_detector_replay_retrains_in_line_and_reproducibly(checkpoint: Checkpoint, tmp_path: Path) -> None:
-    data = samples(0, END, seed=2, shift=5.0, spike=True)
+def replay_setup(tmp_path: Path, checkpoint: Checkpoint, data: SampleBatch, **sections: Any) -> Config:
+    """`data` as a CSV file, `checkpoint` saved beside it, and a config that replays one with the other."""
     lines = ["host,timestamp,a,b"] + [
         f"{e},{t // 1000},{v[0]:.6f},{v[1]:.6f}"
         for e, t, v in zip(data.entities, data.timestamps.tolist(), data.values, strict=True)
@@ -298,11 +298,15 @@ def test_detector_replay_retrains_in_line_and_reproducibly(checkpoint: Checkpoin
         "input": {"kind": "file", "path": "live.csv"},
         "mapping": {**SPEC["mapping"], "timestamp_format": "unix_s"},
         "checkpoint": "model.pt",
-        "retraining": RETRAINING,
-        "regime": REGIME,
+        **sections,
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"streams": {"hosts": spec}}))
-    config = load_config(tmp_path / "config.yaml")
+    return load_config(tmp_path / "config.yaml")
+
+
+def test_detector_replay_retrains_in_line_and_reproducibly(checkpoint: Checkpoint, tmp_path: Path) -> None:
+    data = samples(0, END, seed=2, shift=5.0, spike=True)
+    config = replay_setup(tmp_path, checkpoint, data, retraining=RETRAINING, regime=REGIME)
     runs = [
         replay_file(config, None, None, tmp_path / f"scores{i}.csv", batch_rows=BATCH_ROWS, progress=False)
         for i in range(2)
@@ -318,22 +322,8 @@ def test_detector_replay_retrains_in_line_and_reproducibly(checkpoint: Checkpoin
 def test_replay_retrains_every_every_windows_whatever_its_batch_rows(checkpoint: Checkpoint, tmp_path: Path) -> None:
     # Retraining starts at batch boundaries; replay's default 1,024-row batches used to make any
     # `every_windows` below 1,024 retrain once per batch (here: once instead of about 5 times).
-    data = samples(0, END, seed=2)
-    lines = ["host,timestamp,a,b"] + [
-        f"{e},{t // 1000},{v[0]:.6f},{v[1]:.6f}"
-        for e, t, v in zip(data.entities, data.timestamps.tolist(), data.values, strict=True)
-    ]
-    (tmp_path / "live.csv").write_text("\n".join(lines) + "\n")
-    save_checkpoint(tmp_path / "model.pt", checkpoint)
-    spec = {
-        **SPEC,
-        "input": {"kind": "file", "path": "live.csv"},
-        "mapping": {**SPEC["mapping"], "timestamp_format": "unix_s"},
-        "checkpoint": "model.pt",
-        "retraining": RETRAINING,
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"streams": {"hosts": spec}}))
-    summary, _ = replay_file(load_config(tmp_path / "config.yaml"), None, None, tmp_path / "s.csv", progress=False)
+    config = replay_setup(tmp_path, checkpoint, samples(0, END, seed=2), retraining=RETRAINING)
+    summary, _ = replay_file(config, None, None, tmp_path / "s.csv", progress=False)
     every = RETRAINING["every_windows"]
     assert summary.windows > 5 * every
     # The last one falls due after the last batch, with no boundary left to start it at.
