@@ -394,7 +394,6 @@ class MachineRun:
 def run_machine(config_path: Path, data_dir: Path, name: str, batch_rows: int = 4096) -> MachineRun:
     """Train on the machine's train rows, fill the windows with them, and score the test rows."""
     from detector.pipeline import Pipeline
-    from detector.seasonality import with_time_of_day
     from detector.source import SampleBatch
     from detector.train import fit
     from detector.window import WindowStore
@@ -416,8 +415,7 @@ def run_machine(config_path: Path, data_dir: Path, name: str, batch_rows: int = 
     # A second store over the same rows, for per-feature errors (the pipeline reports them only
     # in alerts): the same windows and model, so the same scores.
     store = WindowStore(stream.window.size, stream.window.stride, len(ckpt.features), ckpt.scaler)
-    model_rows = with_time_of_day if pipeline.time_of_day else (lambda b: b)
-    store.append(model_rows(train))
+    store.append(pipeline.model_inputs(train))
 
     score = np.full(n_test, np.nan)
     threshold = np.full(n_test, np.nan)
@@ -438,7 +436,7 @@ def run_machine(config_path: Path, data_dir: Path, name: str, batch_rows: int = 
             if alert.status == "firing" and alert.replaces is None:  # an escalation is no new detection
                 alert_rows.append(alert.window_end_ms // ROW_MS - n_train)
                 alert_top.append([index[f] for f, _ in alert.top_features])
-        ready, _ = store.append(model_rows(chunk))
+        ready, _ = store.append(pipeline.model_inputs(chunk))
         if len(ready):
             check, per_feature = pipeline.scorer.score(ready.values)
             if not np.allclose(check, result.score[ready.rows], rtol=1e-5, atol=1e-9):

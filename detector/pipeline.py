@@ -182,8 +182,7 @@ class Pipeline:
             if finished is not None and finished.checkpoint is not None:
                 scale = finished.candidate_error / finished.current_error if finished.current_error > 0 else None
                 self.swap_checkpoint(finished.checkpoint, finished.prepared, scale)
-        if self.time_of_day:
-            batch = with_time_of_day(batch)
+        batch = self.model_inputs(batch)
         n = len(batch)
         score = np.full(n, np.nan)
         threshold = np.full(n, np.nan)
@@ -228,6 +227,11 @@ class Pipeline:
             self.retrainer.observe(ready.slots, ready.values, sev.severity != 0, ready.end_ms)
         alerts = self._forget(evicted, ready, alerts, mode)
         return BatchResult(score, threshold, severity, alert_ids, rejected, alerts, len(ready), len(evicted))
+
+    def model_inputs(self, batch: SampleBatch) -> SampleBatch:
+        """`batch` with the columns the model takes: the stream's features, then the time of day
+        when the model was trained with it."""
+        return with_time_of_day(batch) if self.time_of_day else batch
 
     def _forget(self, evicted: Evicted, ready: ReadyWindows, alerts: list[Alert], mode: Mode) -> list[Alert]:
         """Clear the threshold and alert state of the slots `WindowStore.append` just evicted

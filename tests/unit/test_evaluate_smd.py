@@ -157,10 +157,13 @@ def _write_machine(root: Path, name: str, seed: int) -> None:
     (root / "interpretation_label" / f"{name}.txt").write_text("150-160:3,4\n")
 
 
-def test_evaluate_smd_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("time_of_day", ["never", "always"])
+def test_evaluate_smd_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str], time_of_day: str) -> None:
+    # With time of day the per-feature pass must add the same two inputs the pipeline does (it
+    # checks its scores against the pipeline's), and the top-3 causes must still be metrics.
     _write_machine(tmp_path / "data" / "smd", "machine-x", 1)
     config = tmp_path / "smd.yaml"
-    config.write_text(CONFIG)
+    config.write_text(CONFIG.replace("    window:", f"    time_of_day: {{use: {time_of_day}}}\n    window:"))
     out = tmp_path / "out"
     args = ["evaluate", "smd", "--data-dir", str(tmp_path / "data"), "--config", str(config)]
     code = main([*args, "--machines", "machine-x", "--out", str(out), "--jobs", "1"])
