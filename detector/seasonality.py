@@ -84,6 +84,6 @@ def wants_time_of_day(spec: TimeOfDay, samples: SampleBatch) -> tuple[bool, str]
         return False, f"no non-constant feature of any entity spans time_of_day.min_days ({spec.min_days:g} days)"
     verdict = ">=" if value >= spec.min_autocorrelation else "<"
     return value >= spec.min_autocorrelation, (
-        f"median lag-one-day autocorrelation {value:.2f} over {n} entity features {verdict} "
+        f"median lag-one-day autocorrelation {value:.2f} over {n} entity feature{'s' if n != 1 else ''} {verdict} "
         f"time_of_day.min_autocorrelation {spec.min_autocorrelation:g}"
     )
