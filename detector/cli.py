@@ -346,7 +346,7 @@ def parse_seeds(text: str) -> list[int]:
 def _evaluate_nab_seeds(args: argparse.Namespace) -> int:
     import json
 
-    from detector.evaluate import evaluate_nab_seeds, print_seed_summary, write_nab_report
+    from detector.evaluate import evaluate_nab_seeds, print_seed_summary, seed_summary, write_nab_report
 
     try:
         seeds = parse_seeds(args.seeds)
@@ -356,7 +356,8 @@ def _evaluate_nab_seeds(args: argparse.Namespace) -> int:
     reports = evaluate_nab_seeds(args.data_dir, args.config, args.out, seeds, args.series, max(1, args.jobs))
     for seed, report in reports:
         write_nab_report(report, args.out / f"seed-{seed}")
-    summary = print_seed_summary(reports)
+    summary = seed_summary(reports)
+    print_seed_summary(summary)
     (args.out / "seeds.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {args.out}/seed-N/results.json and {args.out}/seeds.json", file=sys.stderr)
     return EXIT_OK

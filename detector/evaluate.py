@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Literal, TextIO, TypeVar
+from typing import Any, Literal, TextIO, TypeVar
 
 import numpy as np
 import yaml
@@ -560,37 +560,41 @@ def evaluate_nab_seeds(
     return reports
 
 
-def print_seed_summary(reports: list[tuple[int, NabReport]], file: TextIO | None = None) -> dict[str, object]:
-    """Each seed's normalized scores (alert events), windows found and false positives, then
-    their mean and standard deviation; returns the same as data for `seeds.json`."""
-    stream = file if file is not None else sys.stdout
+def seed_summary(reports: list[tuple[int, NabReport]]) -> dict[str, Any]:
+    """Each seed's normalized scores (alert events), windows found and false positives (at the
+    first profile's threshold), and their mean and standard deviation: what `seeds.json` holds."""
     profiles = reports[0][1].profiles
     first = profiles[0].name
-    names = [p.name for p in profiles]
+    columns = [*(p.name for p in profiles), "found", "false_positives"]
     rows: list[dict[str, float]] = []
     for _, report in reports:
         alerts = report.results["alerts"]
-        row = {name: alerts[name].normalized for name in names}
+        row = {p.name: alerts[p.name].normalized for p in profiles}
         row["found"] = sum(s.detected for s in alerts[first].series)
         row["false_positives"] = sum(s.false_positives for s in alerts[first].series)
         rows.append(row)
-    columns = [*names, "found", "false_positives"]
-    heads = [c.replace("reward_", "").replace("_rate", "").replace("false_positives", "FP") for c in columns]
-    print(f"NAB over training seeds {', '.join(str(seed) for seed, _ in reports)} (alert events):", file=stream)
-    print(f"{'seed':<6}" + "".join(f"{h:>10}" for h in heads), file=stream)
-    for (seed, _), row in zip(reports, rows, strict=True):
-        print(f"{seed:<6}" + "".join(f"{row[c]:>10.1f}" for c in columns), file=stream)
     table = np.array([[row[c] for c in columns] for row in rows])
-    mean, std = table.mean(axis=0), table.std(axis=0, ddof=1) if len(rows) > 1 else np.zeros(len(columns))
-    print(f"{'mean':<6}" + "".join(f"{m:>10.1f}" for m in mean), file=stream)
-    print(f"{'std':<6}" + "".join(f"{d:>10.1f}" for d in std), file=stream)
+    std = table.std(axis=0, ddof=1) if len(rows) > 1 else np.zeros(len(columns))
     return {
         "config": reports[0][1].config,
         "seeds": [seed for seed, _ in reports],
+        "columns": columns,
         "per_seed": rows,
-        "mean": dict(zip(columns, mean.tolist(), strict=True)),
+        "mean": dict(zip(columns, table.mean(axis=0).tolist(), strict=True)),
         "std": dict(zip(columns, std.tolist(), strict=True)),
     }
+
+
+def print_seed_summary(summary: dict[str, Any], file: TextIO | None = None) -> None:
+    stream = file if file is not None else sys.stdout
+    columns = summary["columns"]
+    heads = [c.replace("reward_", "").replace("_rate", "").replace("false_positives", "FP") for c in columns]
+    print(f"NAB over training seeds {', '.join(map(str, summary['seeds']))} (alert events):", file=stream)
+    print(f"{'seed':<6}" + "".join(f"{h:>10}" for h in heads), file=stream)
+    for seed, row in zip(summary["seeds"], summary["per_seed"], strict=True):
+        print(f"{seed:<6}" + "".join(f"{row[c]:>10.1f}" for c in columns), file=stream)
+    for label in ("mean", "std"):
+        print(f"{label:<6}" + "".join(f"{summary[label][c]:>10.1f}" for c in columns), file=stream)
 
 
 def print_nab_report(report: NabReport, file: TextIO | None = None) -> None:
