@@ -181,6 +181,28 @@ class TimeOfDay(_Model):
     )
 
 
+class TimeOfWeek(_Model):
+    """Time of week (its sine and cosine) as two more model inputs, so that a weekend that is
+    quieter than the weekdays is expected on weekends. Decided at training and kept in the
+    checkpoint (see `detector.seasonality`); it needs weeks of training data."""
+
+    use: Literal["auto", "always", "never"] = Field(
+        "never",
+        description="`auto`: when the same hour a week earlier predicts the training data better than the "
+        "day before by at least `min_gain` (a weekly rhythm); `always`; `never`",
+    )
+    min_gain: float = Field(
+        0.2,
+        gt=0.0,
+        le=1.0,
+        description="with `auto`: the share of the day-to-day change, 1 - var(x[t] - x[t-week]) / "
+        "var(x[t] - x[t-day]), that counts as a weekly rhythm",
+    )
+    min_weeks: float = Field(
+        2.0, ge=2.0, description="with `auto`: weeks of training data an entity needs for its rhythm to be measured"
+    )
+
+
 class Normalization(_Model):
     """Scaling fitted on training data and stored in the checkpoint."""
 
@@ -547,6 +569,7 @@ class Stream(_Model):
     mapping: Mapping = Field(description="how a record becomes entity, timestamp and feature values")
     window: Window = Field(default_factory=Window, description="how samples are cut into windows")
     time_of_day: TimeOfDay = Field(default_factory=TimeOfDay, description="time of day as model input")
+    time_of_week: TimeOfWeek = Field(default_factory=TimeOfWeek, description="time of week as model input")
     normalization: Normalization = Field(default_factory=Normalization, description="feature scaling")
     model: ModelSpec = Field(default_factory=ModelSpec, description="the autoencoder's shape")
     training: Training = Field(default_factory=Training, description="how `detector train` fits the model")
@@ -604,6 +627,8 @@ class Stream(_Model):
         if self.time_of_day.use != "never":
             # Added later: leaving it out when unset keeps the hashes of earlier checkpoints valid.
             parts["time_of_day"] = self.time_of_day.model_dump()
+        if self.time_of_week.use != "never":
+            parts["time_of_week"] = self.time_of_week.model_dump()
         blob = json.dumps(parts, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from detector.config import ModelSpec, Stream
 from detector.errors import CheckpointError
-from detector.seasonality import TIME_OF_DAY
+from detector.seasonality import CALENDAR_INPUTS
 from detector.window import Scaler
 
 CHECKPOINT_FORMAT = 1
@@ -342,9 +342,9 @@ def _from_payload(payload: dict[str, Any]) -> Checkpoint:
 
 def check_layout(ckpt: Checkpoint, stream: Stream, path: Path | str) -> None:
     """Refuse a checkpoint whose inputs differ from what the stream will feed it (the stream's
-    features, and the time-of-day inputs if the model was trained with them)."""
+    features, then the calendar inputs the model was trained with, if any)."""
     names = tuple(stream.mapping.feature_names)
-    if ckpt.features not in (names, names + TIME_OF_DAY):
+    if ckpt.features[: len(names)] != names or ckpt.features[len(names) :] not in CALENDAR_INPUTS:
         raise CheckpointError(
             f"checkpoint {path} was trained on features {list(ckpt.features)} "
             f"but the stream maps {list(names)}; retrain with `detector train`"
@@ -358,9 +358,10 @@ def check_layout(ckpt: Checkpoint, stream: Stream, path: Path | str) -> None:
 
 def check_same_inputs(new: Checkpoint, running: Checkpoint) -> None:
     """Refuse to swap in a model whose inputs differ from the running one's: the windows kept
-    across a swap hold the running model's columns (with or without time of day)."""
+    across a swap hold the running model's columns (with or without the calendar inputs)."""
     if new.features != running.features:
         raise CheckpointError(
             f"model {new.version} takes inputs {list(new.features)} but the running model {running.version} "
-            f"takes {list(running.features)} (time_of_day decided differently at training); restart to switch"
+            f"takes {list(running.features)} (time_of_day or time_of_week decided differently at training); "
+            "restart to switch"
         )

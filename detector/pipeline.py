@@ -30,7 +30,7 @@ from detector.engine import Scorer, make_scorer
 from detector.metrics import Metrics
 from detector.model import Checkpoint, check_layout, check_same_inputs
 from detector.retrain import Retrainer, TrainingProcess
-from detector.seasonality import TIME_OF_DAY, with_time_of_day
+from detector.seasonality import with_calendar
 from detector.source import Rejection, SampleBatch
 from detector.store import CheckpointStore
 from detector.threshold import EntityBaselines, SeverityRules
@@ -103,10 +103,11 @@ class Pipeline:
             checkpoint.scaler,
             idle_evict_ms=None if idle_s is None else round(idle_s * 1000),
         )
-        # The model may take the time-of-day inputs after the stream's features (decided at
-        # training); they are appended to each batch here, and left out of alerts' top features.
+        # The model may take calendar inputs (time of day, of week) after the stream's features
+        # (decided at training); they are appended to each batch here, and left out of alerts'
+        # top features.
         self.n_features = len(stream.mapping.feature_names)
-        self.time_of_day = checkpoint.features[self.n_features :] == TIME_OF_DAY
+        self.calendar = checkpoint.features[self.n_features :]
         self.rules = SeverityRules(stream.thresholds, checkpoint.errors)
         features = checkpoint.features[: self.n_features]
         self.policy = AlertPolicy(name, stream.alerts, features, checkpoint.version, stream.regime)
@@ -229,9 +230,9 @@ class Pipeline:
         return BatchResult(score, threshold, severity, alert_ids, rejected, alerts, len(ready), len(evicted))
 
     def model_inputs(self, batch: SampleBatch) -> SampleBatch:
-        """`batch` with the columns the model takes: the stream's features, then the time of day
-        when the model was trained with it."""
-        return with_time_of_day(batch) if self.time_of_day else batch
+        """`batch` with the columns the model takes: the stream's features, then the calendar
+        inputs the model was trained with."""
+        return with_calendar(batch, self.calendar)
 
     def _forget(self, evicted: Evicted, ready: ReadyWindows, alerts: list[Alert], mode: Mode) -> list[Alert]:
         """Clear the threshold and alert state of the slots `WindowStore.append` just evicted
@@ -281,7 +282,7 @@ class Pipeline:
         levels = self.baselines.incident_levels(slots, means, firing, self.policy.regime_changes, skip)
         for row, level in levels.items():
             slot = int(slots[row])
-            level[self.n_features :] = center[row, self.n_features :]  # time of day has no level to shift
+            level[self.n_features :] = center[row, self.n_features :]  # the calendar has no level to shift
             self.windows.recentre(slot, level)
             self.baselines.start_regime(slot, self.rules)
             log.info("stream %s: entity %s changed regime; re-based", self.name, self.windows.entity_of[slot])

@@ -3,9 +3,9 @@
 `fit` takes decoded samples (any number of entities, in arrival order), fits the scaler,
 cuts windows exactly as the pipeline will, holds out the latest part of each entity's
 windows for validation, trains with early stopping, and returns a `Checkpoint` whose error
-statistics come from those held-out windows. With `time_of_day` (see `detector.seasonality`)
-it first decides whether the model gets the time-of-day inputs, and names them in the
-checkpoint's features if so.
+statistics come from those held-out windows. With `time_of_day` or `time_of_week` (see
+`detector.seasonality`) it first decides whether the model gets those calendar inputs, and
+names them in the checkpoint's features if so.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from detector.config import Stream
 from detector.errors import InputError
 from detector.model import Checkpoint, ErrorStats, RecurrentAutoencoder, new_version, score_windows
-from detector.seasonality import TIME_OF_DAY, wants_time_of_day, with_time_of_day
+from detector.seasonality import calendar_inputs, with_calendar
 from detector.source import Rejection, SampleBatch
 from detector.window import Scaler, WindowStore
 
@@ -101,10 +101,10 @@ def fit(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     features = tuple(stream.mapping.feature_names)
-    daily, why = wants_time_of_day(stream.time_of_day, samples)
-    log.info("stream %s: time of day %s as model input (%s)", stream_name, "added" if daily else "not added", why)
-    if daily:
-        samples, features = with_time_of_day(samples), features + TIME_OF_DAY
+    calendar, why = calendar_inputs(stream.time_of_day, stream.time_of_week, samples)
+    for setting, verdict in why.items():
+        log.info("stream %s: %s as model input %s", stream_name, setting, verdict)
+    samples, features = with_calendar(samples, calendar), features + calendar
     scaler = Scaler.fit(samples.values, samples.entities, stream.normalization)
     windows, slots = training_windows(stream, samples, scaler, skipped)
     if rejected is not None:
@@ -196,6 +196,6 @@ def fit(
             "first_ms": int(samples.timestamps.min()),
             "last_ms": int(samples.timestamps.max()),
             "seconds": round(time.monotonic() - started, 2),
-            "time_of_day": why,
+            **why,
         },
     )

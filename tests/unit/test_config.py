@@ -680,6 +680,8 @@ def test_layout_hash_is_stable() -> None:
         {"normalization__method": "standard"},
         {"normalization__relative_min_scale": 0.01},
         {"time_of_day__use": "auto"},
+        {"time_of_week__use": "auto"},
+        {"time_of_week__use": "always"},
     ],
 )
 def test_layout_hash_changes_with_what_the_model_depends_on(change: dict[str, Any]) -> None:
@@ -817,6 +819,22 @@ def test_score_last_steps_changes_the_layout_only_when_set() -> None:
 def test_time_of_day_errors_name_the_yaml_path(section: dict[str, Any], problem: str) -> None:
     data = base()
     data["streams"]["web"]["time_of_day"] = section
+    assert only_problem(data).startswith(problem)
+
+
+@pytest.mark.parametrize(
+    ("section", "problem"),
+    [
+        ({"use": "weekends"}, "streams.web.time_of_week.use: Input should be 'auto', 'always' or 'never'"),
+        ({"min_gain": 0}, "streams.web.time_of_week.min_gain: Input should be greater than 0"),
+        ({"min_gain": 1.5}, "streams.web.time_of_week.min_gain: Input should be less than or equal to 1"),
+        ({"min_weeks": 1}, "streams.web.time_of_week.min_weeks: Input should be greater than or equal to 2"),
+        ({"min_days": 14}, "streams.web.time_of_week.min_days: Extra inputs are not permitted"),
+    ],
+)
+def test_time_of_week_errors_name_the_yaml_path(section: dict[str, Any], problem: str) -> None:
+    data = base()
+    data["streams"]["web"]["time_of_week"] = section
     assert only_problem(data).startswith(problem)
 
 

@@ -1,5 +1,5 @@
-"""`detector run` with a model that takes the time of day as input: the daemon adds the two
-inputs to what it decodes, and scores exactly as `detector replay` does."""
+"""`detector run` with a model that takes the time of day and of week as inputs: the daemon adds
+the four calendar inputs to what it decodes, and scores exactly as `detector replay` does."""
 
 from __future__ import annotations
 
@@ -27,18 +27,19 @@ from streams import (
 from detector.cli import main
 from detector.config import Stream
 from detector.model import save_checkpoint
-from detector.seasonality import TIME_OF_DAY
+from detector.seasonality import TIME_OF_DAY, TIME_OF_WEEK
 
 pytestmark = pytest.mark.integration
 
 
-def test_the_daemon_scores_with_time_of_day_like_replay(
+def test_the_daemon_scores_with_calendar_inputs_like_replay(
     kafka: str, start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
-    spec = {**STREAM_SPEC, "time_of_day": {"use": "always"}}
+    calendar = {"time_of_day": {"use": "always"}, "time_of_week": {"use": "always"}}
+    spec = {**STREAM_SPEC, **calendar}
     ckpt = train_checkpoint(Stream.model_validate({"input": {"kind": "kafka", "topic": "unused"}, **spec}))
-    assert ckpt.features == ("cpu", "mem", *TIME_OF_DAY)
-    model = tmp_path / "tod.pt"
+    assert ckpt.features == ("cpu", "mem", *TIME_OF_DAY, *TIME_OF_WEEK)
+    model = tmp_path / "calendar.pt"
     save_checkpoint(model, ckpt)
 
     topics = Topics(kafka)
@@ -46,7 +47,7 @@ def test_the_daemon_scores_with_time_of_day_like_replay(
     messages = encode(good)
     ends = produce(kafka, topics.metrics, messages)
     config = daemon_config(kafka, topics, model, tmp_path)
-    config["streams"]["hosts"]["time_of_day"] = {"use": "always"}
+    config["streams"]["hosts"].update(calendar)
     daemon = start_daemon(config)
     daemon.wait_ready()
     wait_for(lambda: committed(kafka, topics.group, topics.metrics) == ends, 60, "a drain")
@@ -54,7 +55,7 @@ def test_the_daemon_scores_with_time_of_day_like_replay(
     scores = list(iter_jsonl(tmp_path / "scores.jsonl"))
     alerts = [a for a in (yaml.safe_load(m.value) for m in read_topic(kafka, topics.alerts)) if a["status"] == "firing"]
     # Trained on under 7 hours that end where the live stream begins, the model has not seen
-    # the live hours' time of day (why `auto` wants 2 days): other entities alert too.
+    # the live hours' time of day or week (why `auto` wants days, weeks): other entities alert too.
     assert set(ANOMALOUS) <= {a["entity"] for a in alerts}
     assert all(f["name"] in ("cpu", "mem") for a in alerts for f in a["top_features"])
 
