@@ -239,6 +239,14 @@ class ModelSpec(_Model):
         False,
         description="decoder attends over encoder states: sharper reconstructions, but it can copy anomalies through",
     )
+    ensemble: int = Field(
+        1,
+        ge=1,
+        le=9,
+        description="models trained alike from seeds `training.seed`, `seed + 1`, ...; a window's score (and "
+        "each feature's error) is the median of theirs, so one model's quirks do not alert. An odd number: the "
+        "median is then one model's score. Training and scoring cost this many times one model's",
+    )
     score_last_steps: int | None = Field(
         None,
         ge=1,
@@ -246,6 +254,13 @@ class ModelSpec(_Model):
         "record (a payment) is diluted by the mean over the whole window; the newest steps say what just "
         "changed. At most `window.size`; thresholds fitted in training use the same score",
     )
+
+    @field_validator("ensemble")
+    @classmethod
+    def _odd(cls, n: int) -> int:
+        if n % 2 == 0:
+            raise ValueError(f"must be odd (got {n}): the median of an even count is no model's score")
+        return n
 
 
 class Training(_Model):
@@ -599,6 +614,15 @@ class Stream(_Model):
         return self
 
     @model_validator(mode="after")
+    def _retraining_one_model(self) -> Stream:
+        if self.retraining.enabled and self.model.ensemble > 1:
+            raise ValueError(
+                f"retraining.enabled fine-tunes one model; model.ensemble is {self.model.ensemble} "
+                "(set it to 1, or retrain offline with `detector train`)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _score_steps_within_window(self) -> Stream:
         steps = self.model.score_last_steps
         if steps is not None and steps > self.window.size:
@@ -618,6 +642,8 @@ class Stream(_Model):
         if model["score_last_steps"] is None:
             # Added later: leaving it out when unset keeps the hashes of earlier checkpoints valid.
             del model["score_last_steps"]
+        if model["ensemble"] == 1:
+            del model["ensemble"]  # added later, likewise
         parts = {
             "features": self.mapping.feature_names,
             "window": self.window.model_dump(exclude={"idle_evict_after_s"}),  # the model does not depend on it

@@ -22,7 +22,7 @@ import numpy as np
 from torch import nn
 
 from detector.config import Scoring
-from detector.model import RecurrentAutoencoder, score_in_passes, score_windows
+from detector.model import Autoencoder, RecurrentAutoencoder, autoencoders, score_in_passes, score_windows
 
 OPSET = 17
 # Rows of each gate block, from torch's order to ONNX's: LSTM i,f,g,o -> i,o,f,c; GRU r,z,n -> z,r,h.
@@ -37,7 +37,7 @@ class Scorer(Protocol):
 
 
 class TorchScorer:
-    def __init__(self, model: RecurrentAutoencoder, batch_windows: int) -> None:
+    def __init__(self, model: Autoencoder, batch_windows: int) -> None:
         self.model = model
         self.batch_windows = batch_windows
 
@@ -66,11 +66,27 @@ class OnnxScorer:
         return score_in_passes(self._run, np.ascontiguousarray(windows, dtype=np.float32), self.batch_windows)
 
 
-def make_scorer(model: RecurrentAutoencoder, window_size: int, scoring: Scoring) -> Scorer:
+class MedianScorer:
+    """An ensemble's scores: the median of its members' scorers, per window and per feature
+    (`detector.model.reconstruction_error` takes the same median in torch)."""
+
+    def __init__(self, members: list[Scorer]) -> None:
+        self.members = members
+
+    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scored = [m.score(windows) for m in self.members]
+        per_window = np.median(np.stack([s for s, _ in scored]), axis=0).astype(np.float32)
+        return per_window, np.median(np.stack([f for _, f in scored]), axis=0).astype(np.float32)
+
+
+def make_scorer(model: Autoencoder, window_size: int, scoring: Scoring) -> Scorer:
     """The scorer `scoring.engine` names (the config checked at load that its packages are installed)."""
     if scoring.engine == "torch":
         return TorchScorer(model, scoring.batch_windows)
-    return OnnxScorer(model, window_size, scoring.batch_windows, scoring.threads)
+    members: list[Scorer] = [
+        OnnxScorer(m, window_size, scoring.batch_windows, scoring.threads) for m in autoencoders(model)
+    ]
+    return members[0] if len(members) == 1 else MedianScorer(members)
 
 
 # --- the ONNX graph --------------------------------------------------------------------------

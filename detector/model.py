@@ -76,16 +76,55 @@ class RecurrentAutoencoder(nn.Module):
         return out
 
 
+class AutoencoderEnsemble(nn.Module):
+    """`spec.ensemble` autoencoders of one shape, trained alike from different seeds.
+
+    It reconstructs nothing itself: `reconstruction_error` takes the median of its members'
+    errors, per window and per feature. Each model trained on a short history has its own
+    blind spots and its own spurious misses; the median keeps what most of them agree on (on
+    NAB: fewer false alerts, and a score that moves less with the seed; docs/results.md).
+    """
+
+    def __init__(self, n_features: int, spec: ModelSpec, members: list[RecurrentAutoencoder] | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        if members is None:
+            members = [RecurrentAutoencoder(n_features, spec) for _ in range(spec.ensemble)]
+        self.members = nn.ModuleList(members)
+
+    def autoencoders(self) -> list[RecurrentAutoencoder]:
+        return list(self.members)  # type: ignore[arg-type]  # ModuleList is not generic
+
+
+Autoencoder = RecurrentAutoencoder | AutoencoderEnsemble
+
+
+def new_autoencoder(n_features: int, spec: ModelSpec) -> Autoencoder:
+    """One model, or an ensemble when `spec.ensemble` > 1 (a single model keeps its own layout
+    of weights, so checkpoints from before ensembles load unchanged)."""
+    return AutoencoderEnsemble(n_features, spec) if spec.ensemble > 1 else RecurrentAutoencoder(n_features, spec)
+
+
+def autoencoders(model: Autoencoder) -> list[RecurrentAutoencoder]:
+    """The single models `model` is made of."""
+    return model.autoencoders() if isinstance(model, AutoencoderEnsemble) else [model]
+
+
 def reconstruction_error(
     model: nn.Module, windows: torch.Tensor, last_steps: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean squared reconstruction error per window and per feature, over the window's last
-    `last_steps` steps (all when None).
+    `last_steps` steps (all when None); of an ensemble, the median of its members' (an odd
+    count, so each value is one member's).
 
     Shape:
         windows: (B, W, D)
         returns: per-window (B,), per-feature (B, D)
     """
+    if isinstance(model, AutoencoderEnsemble):
+        errors = [reconstruction_error(m, windows, last_steps) for m in model.autoencoders()]
+        per_window = torch.stack([e[0] for e in errors]).median(dim=0).values
+        return per_window, torch.stack([e[1] for e in errors]).median(dim=0).values
     squared = (model(windows) - windows).pow(2)
     if last_steps is not None:
         squared = squared[:, -last_steps:, :]
@@ -177,7 +216,7 @@ class ErrorStats:
 class Checkpoint:
     """A trained model and everything needed to score with it."""
 
-    model: RecurrentAutoencoder
+    model: Autoencoder
     scaler: Scaler
     errors: ErrorStats
     features: tuple[str, ...]
@@ -294,7 +333,7 @@ def _from_payload(payload: dict[str, Any]) -> Checkpoint:
     if isinstance(payload["window_size"], bool) or not isinstance(payload["window_size"], int):
         raise TypeError(f"window_size {payload['window_size']!r} is not an integer")
     spec = ModelSpec.model_validate(payload["model"])
-    model = RecurrentAutoencoder(len(features), spec)
+    model = new_autoencoder(len(features), spec)
     model.load_state_dict(payload["state_dict"], strict=True)
     if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()):
         raise ValueError("model weights are not all finite")

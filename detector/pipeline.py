@@ -27,8 +27,9 @@ from detector.alerts import Alert, AlertPolicy
 from detector.config import Scoring, Stream
 from detector.drift import ScoreDrift
 from detector.engine import Scorer, make_scorer
+from detector.errors import CheckpointError
 from detector.metrics import Metrics
-from detector.model import Checkpoint, check_layout, check_same_inputs
+from detector.model import AutoencoderEnsemble, Checkpoint, check_layout, check_same_inputs
 from detector.retrain import Retrainer, TrainingProcess
 from detector.seasonality import with_calendar
 from detector.source import Rejection, SampleBatch
@@ -115,6 +116,11 @@ class Pipeline:
             stream.cold_start.warmup_windows, stream.regime.calibration_windows, checkpoint.errors
         )
         self.retrainer: Retrainer | None = None
+        if stream.retraining.enabled and isinstance(checkpoint.model, AutoencoderEnsemble):
+            raise CheckpointError(
+                f"stream {name}: retraining.enabled fine-tunes one model, but checkpoint {checkpoint.version} is an "
+                f"ensemble of {checkpoint.model.spec.ensemble}; disable retraining or train with model.ensemble: 1"
+            )
         if stream.retraining.enabled:
             self.retrainer = Retrainer(
                 name, stream, len(checkpoint.features), trainer, metrics, model_store, prepare=self._warm_scorer

@@ -392,6 +392,9 @@ def retrain(
     started = time.monotonic()
     n_val = max(1, round(len(windows) * cfg.validation_fraction))
     train, val = windows[: len(windows) - n_val], windows[len(windows) - n_val :]
+    if not isinstance(current.model, RecurrentAutoencoder):  # the pipeline refuses this at start
+        message = f"model {current.version} is an ensemble; retraining fine-tunes one model"
+        return RetrainResult("failed", None, float("nan"), float("nan"), len(train), n_val, 0.0, message)
     try:
         fit = trainer.run if trainer is not None else fit_candidate
         candidate, current_errors, errors = fit(current.model, train, val, cfg, seed)

@@ -23,7 +23,15 @@ from tqdm import tqdm
 
 from detector.config import Stream
 from detector.errors import InputError
-from detector.model import Checkpoint, ErrorStats, RecurrentAutoencoder, new_version, score_windows
+from detector.model import (
+    Autoencoder,
+    AutoencoderEnsemble,
+    Checkpoint,
+    ErrorStats,
+    RecurrentAutoencoder,
+    new_version,
+    score_windows,
+)
 from detector.seasonality import calendar_inputs, with_calendar
 from detector.source import Rejection, SampleBatch
 from detector.window import Scaler, WindowStore
@@ -81,6 +89,68 @@ def split_validation(slots: np.ndarray, fraction: float, gap: int) -> tuple[np.n
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def _train_one(
+    label: str,
+    stream: Stream,
+    x_train: torch.Tensor,
+    x_val: torch.Tensor,
+    rng: np.random.Generator,
+    progress: bool,
+) -> tuple[RecurrentAutoencoder, int, float]:
+    """One autoencoder trained with early stopping on `x_val`, the epochs it ran and its best
+    validation loss."""
+    cfg = stream.training
+    model = RecurrentAutoencoder(x_train.shape[2], stream.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    best_state = copy.deepcopy(model.state_dict())
+    best_val, stale, epochs_run = math.inf, 0, 0
+    batches_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
+    bar = tqdm(
+        total=cfg.epochs * batches_per_epoch,
+        desc=f"train {label}",
+        unit="batch",
+        disable=not progress,
+        leave=True,
+    )
+    try:
+        for epoch in range(cfg.epochs):
+            model.train()
+            order = torch.from_numpy(rng.permutation(len(x_train)))
+            total = 0.0
+            for b in range(batches_per_epoch):
+                xb = x_train[order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
+                optimizer.zero_grad()
+                per_window = (model(xb) - xb).pow(2).mean(dim=(1, 2))
+                if cfg.trim_fraction > 0:
+                    keep = max(1, int(len(per_window) * (1 - cfg.trim_fraction)))
+                    per_window = per_window.sort().values[:keep]
+                loss = per_window.mean()
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                total += loss.item() * len(xb)
+                bar.update(1)
+            train_loss = total / len(x_train)
+            model.eval()
+            val_loss = float(score_windows(model, x_val.numpy())[0].mean())
+            epochs_run = epoch + 1
+            bar.set_postfix(epoch=epochs_run, loss=f"{train_loss:.4g}", val_loss=f"{val_loss:.4g}")
+            if val_loss < best_val - 1e-9:
+                best_val, stale = val_loss, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+                if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
+                    log.info("early stopping after epoch %d (no improvement for %d epochs)", epochs_run, stale)
+                    break
+    finally:
+        bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, epochs_run, best_val
+
+
 def fit(
     stream_name: str,
     stream: Stream,
@@ -124,59 +194,26 @@ def fit(
     x_train = torch.from_numpy(windows[train_idx])
     x_val = torch.from_numpy(windows[val_idx])
 
-    model = RecurrentAutoencoder(windows.shape[2], stream.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    best_state = copy.deepcopy(model.state_dict())
-    best_val, stale, epochs_run = math.inf, 0, 0
-    history: list[tuple[float, float]] = []
-    batches_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
     started = time.monotonic()
-    bar = tqdm(
-        total=cfg.epochs * batches_per_epoch,
-        desc=f"train {stream_name}",
-        unit="batch",
-        disable=not progress,
-        leave=True,
-    )
-    try:
-        for epoch in range(cfg.epochs):
-            model.train()
-            order = torch.from_numpy(rng.permutation(len(x_train)))
-            total = 0.0
-            for b in range(batches_per_epoch):
-                xb = x_train[order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
-                optimizer.zero_grad()
-                per_window = (model(xb) - xb).pow(2).mean(dim=(1, 2))
-                if cfg.trim_fraction > 0:
-                    keep = max(1, int(len(per_window) * (1 - cfg.trim_fraction)))
-                    per_window = per_window.sort().values[:keep]
-                loss = per_window.mean()
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                total += loss.item() * len(xb)
-                bar.update(1)
-            train_loss = total / len(x_train)
-            model.eval()
-            val_loss = float(score_windows(model, x_val.numpy())[0].mean())
-            history.append((train_loss, val_loss))
-            epochs_run = epoch + 1
-            bar.set_postfix(epoch=epochs_run, loss=f"{train_loss:.4g}", val_loss=f"{val_loss:.4g}")
-            if val_loss < best_val - 1e-9:
-                best_val, stale = val_loss, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                stale += 1
-                if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
-                    log.info("early stopping after epoch %d (no improvement for %d epochs)", epochs_run, stale)
-                    break
-    finally:
-        bar.close()
-    model.load_state_dict(best_state)
-    model.eval()
+    members: list[RecurrentAutoencoder] = []
+    runs: list[tuple[int, float]] = []  # epochs run, best validation loss
+    for member in range(stream.model.ensemble):
+        if member:
+            # The first model draws from the generators exactly as a single model does; the
+            # others as a single model with seed + member would (same windows, same split).
+            torch.manual_seed(cfg.seed + member)
+            rng = np.random.default_rng(cfg.seed + member)
+        label = stream_name if stream.model.ensemble == 1 else f"{stream_name} {member + 1}/{stream.model.ensemble}"
+        member_model, epochs_run, best_val = _train_one(label, stream, x_train, x_val, rng, progress)
+        members.append(member_model)
+        runs.append((epochs_run, best_val))
+    model: Autoencoder = members[0]
+    if len(members) > 1:
+        model = AutoencoderEnsemble(x_train.shape[2], stream.model, members)
     # Thresholds compare against live scores, so the held-out errors are scored the same way.
     val_errors = score_windows(model, x_val.numpy(), last_steps=stream.model.score_last_steps)[0]
+    # An ensemble's: the mean of its median errors, as a single model's is the mean of its own.
+    validation_loss = runs[0][1] if len(runs) == 1 else float(score_windows(model, x_val.numpy())[0].mean())
     return Checkpoint(
         model=model,
         scaler=scaler,
@@ -191,8 +228,9 @@ def fit(
             "entities": len(set(samples.entities)),
             "train_windows": len(train_idx),
             "validation_windows": len(val_idx),
-            "epochs": epochs_run,
-            "best_validation_loss": best_val,
+            "epochs": max(epochs for epochs, _ in runs),
+            "best_validation_loss": validation_loss,
+            **({"ensemble_epochs": [epochs for epochs, _ in runs]} if len(runs) > 1 else {}),
             "first_ms": int(samples.timestamps.min()),
             "last_ms": int(samples.timestamps.max()),
             "seconds": round(time.monotonic() - started, 2),

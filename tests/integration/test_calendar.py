@@ -1,5 +1,6 @@
-"""`detector run` with a model that takes the time of day and of week as inputs: the daemon adds
-the four calendar inputs to what it decodes, and scores exactly as `detector replay` does."""
+"""`detector run` with an ensemble of three models that take the time of day and of week as
+inputs: the daemon adds the four calendar inputs to what it decodes, scores with the median of
+the three models, and scores exactly as `detector replay` does."""
 
 from __future__ import annotations
 
@@ -26,19 +27,21 @@ from streams import (
 
 from detector.cli import main
 from detector.config import Stream
-from detector.model import save_checkpoint
+from detector.model import AutoencoderEnsemble, save_checkpoint
 from detector.seasonality import TIME_OF_DAY, TIME_OF_WEEK
 
 pytestmark = pytest.mark.integration
 
 
-def test_the_daemon_scores_with_calendar_inputs_like_replay(
+def test_the_daemon_scores_an_ensemble_with_calendar_inputs_like_replay(
     kafka: str, start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
     calendar = {"time_of_day": {"use": "always"}, "time_of_week": {"use": "always"}}
-    spec = {**STREAM_SPEC, **calendar}
+    model_spec = {**STREAM_SPEC["model"], "ensemble": 3}
+    spec = {**STREAM_SPEC, **calendar, "model": model_spec}
     ckpt = train_checkpoint(Stream.model_validate({"input": {"kind": "kafka", "topic": "unused"}, **spec}))
     assert ckpt.features == ("cpu", "mem", *TIME_OF_DAY, *TIME_OF_WEEK)
+    assert isinstance(ckpt.model, AutoencoderEnsemble)
     model = tmp_path / "calendar.pt"
     save_checkpoint(model, ckpt)
 
@@ -47,7 +50,7 @@ def test_the_daemon_scores_with_calendar_inputs_like_replay(
     messages = encode(good)
     ends = produce(kafka, topics.metrics, messages)
     config = daemon_config(kafka, topics, model, tmp_path)
-    config["streams"]["hosts"].update(calendar)
+    config["streams"]["hosts"].update(calendar, model=model_spec)
     daemon = start_daemon(config)
     daemon.wait_ready()
     wait_for(lambda: committed(kafka, topics.group, topics.metrics) == ends, 60, "a drain")

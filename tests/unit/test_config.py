@@ -682,6 +682,7 @@ def test_layout_hash_is_stable() -> None:
         {"time_of_day__use": "auto"},
         {"time_of_week__use": "auto"},
         {"time_of_week__use": "always"},
+        {"model__ensemble": 3},
     ],
 )
 def test_layout_hash_changes_with_what_the_model_depends_on(change: dict[str, Any]) -> None:
@@ -789,11 +790,11 @@ def test_score_last_steps_must_fit_the_window() -> None:
     parse_config(yaml.safe_dump(data))
 
 
-def test_score_last_steps_changes_the_layout_only_when_set() -> None:
-    # Unset, the hash must equal the one checkpoints trained before the option existed carry.
+def test_model_options_added_later_change_the_layout_only_when_set() -> None:
+    # Unset, the hash must equal the one checkpoints trained before the options existed carry.
     stream = parse_config(yaml.safe_dump(base()))[0].streams["web"]
     model = stream.model.model_dump()
-    del model["score_last_steps"]
+    del model["score_last_steps"], model["ensemble"]
     parts = {
         "features": stream.mapping.feature_names,
         "window": stream.window.model_dump(exclude={"idle_evict_after_s"}),  # added later, like score_last_steps
@@ -803,8 +804,9 @@ def test_score_last_steps_changes_the_layout_only_when_set() -> None:
     before = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     assert stream.layout_hash() == before
     data = base()
-    data["streams"]["web"]["model"] = {"score_last_steps": 1}
-    assert parse_config(yaml.safe_dump(data))[0].streams["web"].layout_hash() != before
+    for change in ({"score_last_steps": 1}, {"ensemble": 3}):
+        data["streams"]["web"]["model"] = change
+        assert parse_config(yaml.safe_dump(data))[0].streams["web"].layout_hash() != before
 
 
 @pytest.mark.parametrize(
@@ -820,6 +822,16 @@ def test_time_of_day_errors_name_the_yaml_path(section: dict[str, Any], problem:
     data = base()
     data["streams"]["web"]["time_of_day"] = section
     assert only_problem(data).startswith(problem)
+
+
+def test_ensemble_errors_name_the_yaml_path() -> None:
+    data = base()
+    data["streams"]["web"]["model"] = {"ensemble": 2}
+    assert only_problem(data).startswith("streams.web.model.ensemble: Value error, must be odd (got 2)")
+    data["streams"]["web"]["model"] = {"ensemble": 3}
+    data["streams"]["web"]["retraining"] = {"enabled": True}
+    assert "retraining.enabled fine-tunes one model; model.ensemble is 3" in only_problem(data)
+    assert stream_with(model__ensemble=1).layout_hash() == stream_with().layout_hash()
 
 
 @pytest.mark.parametrize(
