@@ -141,32 +141,44 @@ def weekly_gain(samples: SampleBatch, min_weeks: float) -> tuple[float | None, i
     return _median(samples, min_weeks * WEEK_MS, one)
 
 
+def _decide(
+    setting: str,
+    use: str,
+    measured: Callable[[], tuple[float | None, int]],
+    what: str,
+    cutoff: tuple[str, float],
+    span: tuple[str, str],
+) -> tuple[bool, str]:
+    """Whether `setting` (`use`: auto, always or never) adds its inputs, and why: with `auto`,
+    whether the `measured` median reaches the cutoff (`cutoff`: its key and value; `span`:
+    the key and value of the history each series needs)."""
+    if use != "auto":
+        return use == "always", f"{setting}.use is {use}"
+    value, n = measured()
+    if value is None:
+        return False, f"no non-constant feature of any entity spans {setting}.{span[0]} ({span[1]})"
+    key, least = cutoff
+    verdict = ">=" if value >= least else "<"
+    plural = "s" if n != 1 else ""
+    return value >= least, f"{what} {value:.2f} over {n} entity feature{plural} {verdict} {setting}.{key} {least:g}"
+
+
 def wants_time_of_day(spec: TimeOfDay, samples: SampleBatch) -> tuple[bool, str]:
     """Whether a model trained on `samples` gets the time-of-day inputs, and why (for the log)."""
-    if spec.use != "auto":
-        return spec.use == "always", f"time_of_day.use is {spec.use}"
-    value, n = daily_autocorrelation(samples, spec.min_days)
-    if value is None:
-        return False, f"no non-constant feature of any entity spans time_of_day.min_days ({spec.min_days:g} days)"
-    verdict = ">=" if value >= spec.min_autocorrelation else "<"
-    return value >= spec.min_autocorrelation, (
-        f"median lag-one-day autocorrelation {value:.2f} over {n} entity feature{'s' if n != 1 else ''} {verdict} "
-        f"time_of_day.min_autocorrelation {spec.min_autocorrelation:g}"
-    )
+    return _decide(
+        "time_of_day", spec.use, lambda: daily_autocorrelation(samples, spec.min_days),
+        "median lag-one-day autocorrelation", ("min_autocorrelation", spec.min_autocorrelation),
+        ("min_days", f"{spec.min_days:g} days"),
+    )  # fmt: skip
 
 
 def wants_time_of_week(spec: TimeOfWeek, samples: SampleBatch) -> tuple[bool, str]:
     """Whether a model trained on `samples` gets the time-of-week inputs, and why (for the log)."""
-    if spec.use != "auto":
-        return spec.use == "always", f"time_of_week.use is {spec.use}"
-    value, n = weekly_gain(samples, spec.min_weeks)
-    if value is None:
-        return False, f"no non-constant feature of any entity spans time_of_week.min_weeks ({spec.min_weeks:g} weeks)"
-    verdict = ">=" if value >= spec.min_gain else "<"
-    return value >= spec.min_gain, (
-        f"a week back explains {value:.2f} of the day-to-day change (median over {n} entity "
-        f"feature{'s' if n != 1 else ''}) {verdict} time_of_week.min_gain {spec.min_gain:g}"
-    )
+    return _decide(
+        "time_of_week", spec.use, lambda: weekly_gain(samples, spec.min_weeks),
+        "median gain of a week back over a day back", ("min_gain", spec.min_gain),
+        ("min_weeks", f"{spec.min_weeks:g} weeks"),
+    )  # fmt: skip
 
 
 def calendar_inputs(day: TimeOfDay, week: TimeOfWeek, samples: SampleBatch) -> tuple[tuple[str, ...], dict[str, str]]:

@@ -191,7 +191,7 @@ def test_the_weekly_rhythm_needs_min_weeks_and_a_day_to_day_change() -> None:
 def test_the_weekly_median_over_entities_decides() -> None:
     spec = TimeOfWeek(use="auto", min_gain=0.2)
     wanted, why = wants_time_of_week(spec, merged(weekly("a", 15, 1), weekly("b", 15, 2), series("c", 15, 3)))
-    assert wanted and "over 3 entity features) >= time_of_week.min_gain 0.2" in why
+    assert wanted and "over 3 entity features >= time_of_week.min_gain 0.2" in why and "a week back" in why
     wanted, why = wants_time_of_week(spec, merged(weekly("a", 15, 1), series("b", 15, 2), series("c", 15, 3)))
     assert not wanted and "<" in why
     assert wants_time_of_week(TimeOfWeek(use="always"), series("a", 1, 1))[0]
@@ -296,7 +296,7 @@ def test_a_weekly_model_takes_both_clocks_and_scores_like_any_batching(
 ) -> None:
     assert weekly_model.features == ("value", *TIME_OF_DAY, *TIME_OF_WEEK)
     assert weekly_model.model.encoder.input_size == 5
-    assert weekly_model.training["time_of_week"].startswith("added (a week back explains")
+    assert weekly_model.training["time_of_week"].startswith("added (median gain of a week back")
     save_checkpoint(tmp_path / "m.pt", weekly_model)
     assert load_checkpoint(tmp_path / "m.pt", stream()).features == weekly_model.features
     live = merged(weekly("a", 2, 5), weekly("b", 2, 6))
