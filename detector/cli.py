@@ -12,9 +12,10 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from detector.config import Server, Stream, load_config, load_config_with_secrets, masked_dump
 from detector.errors import CheckpointError, ConfigError, DetectorError
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--machines", default=",".join(SMD_MACHINE_NAMES), help="comma-separated (default: all four)")
     b.add_argument("--out", type=Path, default=Path("build/eval/smd"), help="results.json, results.csv, scores/")
     b.add_argument("--jobs", type=int, default=2, help="machines trained in parallel (one torch thread each)")
+    b.add_argument("--seeds", help="run once per training seed (`0-4` or `0,3,7`), each under OUT/seed-N/, and print "
+                   "the mean and standard deviation")  # fmt: skip
     b = bench.add_parser("fraud", help="card transactions (Fraud Detection Handbook): AUC-ROC, AP, card precision@100")
     b.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="holds fraud/ (see its README)")
     b.add_argument("--config", type=Path, default=Path("configs/transactions.yaml"))
@@ -178,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="W,T,D,E",
         help="days of warmup, train, delay, test from 1 July (7,7,0,7: the choice week, 15-21 July)",
     )
+    b.add_argument("--seeds", help="run once per training seed (`0-4` or `0,3,7`), each under OUT/seed-N/, and print "
+                   "the mean and standard deviation")  # fmt: skip
 
     p = sub.add_parser("models", help="list, show, promote and roll back the versions in a stream's model_store")
     actions = p.add_subparsers(dest="action", required=True)
@@ -285,39 +290,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "report":
         return run_report(args)
 
-    if args.command == "evaluate" and args.benchmark == "smd":
-        from detector.evaluate_smd import evaluate_smd, print_smd_report, write_smd_report
-
-        machines = [m.strip() for m in args.machines.split(",") if m.strip()]
-        smd = evaluate_smd(args.data_dir, args.config, args.out, machines, max(1, args.jobs))
-        print_smd_report(smd)
-        json_path, csv_path = write_smd_report(smd, args.out)
-        print(f"wrote {json_path} and {csv_path}", file=sys.stderr)
-        return EXIT_OK
-
-    if args.command == "evaluate" and args.benchmark == "fraud":
-        from detector.evaluate_fraud import FraudSplit, evaluate_fraud, print_fraud_report, write_fraud_report
-
-        try:
-            fraud_split = FraudSplit.parse(args.split)
-        except ValueError as e:
-            print(f"detector evaluate fraud: --split: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        fraud = evaluate_fraud(args.data_dir, args.config, args.out, split=fraud_split)
-        print_fraud_report(fraud)
-        print(f"wrote {write_fraud_report(fraud, args.out)}", file=sys.stderr)
-        return EXIT_OK
-
     if args.command == "evaluate":
-        from detector.evaluate import evaluate_nab, print_nab_report, write_nab_report
-
-        if args.seeds is not None:
-            return _evaluate_nab_seeds(args)
-        report = evaluate_nab(args.data_dir, args.config, args.out, args.series, max(1, args.jobs))
-        print_nab_report(report)
-        json_path, csv_path = write_nab_report(report, args.out)
-        print(f"wrote {json_path} and {csv_path}", file=sys.stderr)
-        return EXIT_OK
+        return run_evaluate(args)
 
     if args.command == "run":
         from detector.service import run_daemon
@@ -343,23 +317,76 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def _evaluate_nab_seeds(args: argparse.Namespace) -> int:
-    import json
+def run_evaluate(args: argparse.Namespace) -> int:
+    """`detector evaluate BENCHMARK`: one run, or with `--seeds` one run per training seed under
+    OUT/seed-N/ and their mean and standard deviation (printed, and in OUT/seeds.json)."""
+    from detector.evaluate import over_seeds, print_seed_summary, seed_summary
 
-    from detector.evaluate import evaluate_nab_seeds, print_seed_summary, seed_summary, write_nab_report
+    # Per benchmark: one run (config, out folder) → report, and how to show, write and summarize it.
+    run: Callable[[Path, Path], Any]
+    show: Callable[[Any], None]
+    write: Callable[[Any, Path], Path | tuple[Path, ...]]
+    row: Callable[[Any], dict[str, float]]
+    if args.benchmark == "smd":
+        from detector.evaluate_smd import evaluate_smd, print_smd_report, smd_seed_row, write_smd_report
 
+        machines = [m.strip() for m in args.machines.split(",") if m.strip()]
+
+        def run(config: Path, out: Path) -> Any:
+            return evaluate_smd(args.data_dir, config, out, machines, max(1, args.jobs))
+
+        show, write, row, title, digits = print_smd_report, write_smd_report, smd_seed_row, "SMD (4 machines pooled)", 3
+    elif args.benchmark == "fraud":
+        from detector.evaluate_fraud import (
+            FraudSplit,
+            evaluate_fraud,
+            fraud_seed_row,
+            print_fraud_report,
+            write_fraud_report,
+        )
+
+        try:
+            split = FraudSplit.parse(args.split)
+        except ValueError as e:
+            print(f"detector evaluate fraud: --split: {e}", file=sys.stderr)
+            return EXIT_USAGE
+
+        def run(config: Path, out: Path) -> Any:
+            return evaluate_fraud(args.data_dir, config, out, split=split)
+
+        show, write, row, title, digits = print_fraud_report, write_fraud_report, fraud_seed_row, "Fraud (combined)", 3
+    else:
+        from detector.evaluate import evaluate_nab, nab_seed_row, print_nab_report, write_nab_report
+
+        def run(config: Path, out: Path) -> Any:
+            return evaluate_nab(args.data_dir, config, out, args.series, max(1, args.jobs))
+
+        show, write, row, title, digits = print_nab_report, write_nab_report, nab_seed_row, "NAB (alert events)", 1
+
+    def written(paths: Path | tuple[Path, ...]) -> str:
+        return " and ".join(str(p) for p in (paths if isinstance(paths, tuple) else (paths,)))
+
+    if args.seeds is None:
+        report = run(args.config, args.out)
+        show(report)
+        print(f"wrote {written(write(report, args.out))}", file=sys.stderr)
+        return EXIT_OK
     try:
         seeds = parse_seeds(args.seeds)
     except ValueError as e:
-        print(f"detector evaluate nab: --seeds: {e}", file=sys.stderr)
+        print(f"detector evaluate {args.benchmark}: --seeds: {e}", file=sys.stderr)
         return EXIT_USAGE
-    reports = evaluate_nab_seeds(args.data_dir, args.config, args.out, seeds, args.series, max(1, args.jobs))
-    for seed, report in reports:
-        write_nab_report(report, args.out / f"seed-{seed}")
-    summary = seed_summary(reports)
-    print_seed_summary(summary)
+
+    def one_seed(config: Path, out: Path) -> dict[str, float]:
+        report = run(config, out)
+        write(report, out)
+        return dict(row(report))
+
+    rows = over_seeds(args.config, args.out, seeds, one_seed)
+    summary = seed_summary(str(args.config), list(zip(seeds, rows, strict=True)))
+    print_seed_summary(summary, title, digits)
     (args.out / "seeds.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"wrote {args.out}/seed-N/results.json and {args.out}/seeds.json", file=sys.stderr)
+    print(f"wrote {args.out}/seed-N/ and {args.out}/seeds.json", file=sys.stderr)
     return EXIT_OK
 
 

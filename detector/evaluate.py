@@ -548,53 +548,55 @@ def seed_config(config_path: Path, seed: int, out: Path) -> Path:
     return out
 
 
-def evaluate_nab_seeds(
-    data_dir: Path, config_path: Path, out: Path, seeds: Sequence[int], pattern: str = "*", jobs: int = 2
-) -> list[tuple[int, NabReport]]:
-    """`evaluate_nab` once per training seed, each under `out/seed-<n>/` with its config copy."""
-    reports = []
+def over_seeds(config_path: Path, out: Path, seeds: Sequence[int], run: Callable[[Path, Path], R]) -> list[R]:
+    """`run(config, folder)` once per training seed: `config` a copy of `config_path` with that
+    seed, `folder` = `out/seed-<n>/` (which holds the copy)."""
+    results = []
     for seed in seeds:
         folder = out / f"seed-{seed}"
-        copy = seed_config(config_path, seed, folder / "config.yaml")
-        reports.append((seed, evaluate_nab(data_dir, copy, folder, pattern, jobs)))
-    return reports
+        results.append(run(seed_config(config_path, seed, folder / "config.yaml"), folder))
+    return results
 
 
-def seed_summary(reports: list[tuple[int, NabReport]]) -> dict[str, Any]:
-    """Each seed's normalized scores (alert events), windows found and false positives (at the
-    first profile's threshold), and their mean and standard deviation: what `seeds.json` holds."""
-    profiles = reports[0][1].profiles
-    first = profiles[0].name
-    columns = [*(p.name for p in profiles), "found", "false_positives"]
-    rows: list[dict[str, float]] = []
-    for _, report in reports:
-        alerts = report.results["alerts"]
-        row = {p.name: alerts[p.name].normalized for p in profiles}
-        row["found"] = sum(s.detected for s in alerts[first].series)
-        row["false_positives"] = sum(s.false_positives for s in alerts[first].series)
-        rows.append(row)
-    table = np.array([[row[c] for c in columns] for row in rows])
+def nab_seed_row(report: NabReport) -> dict[str, float]:
+    """One run's normalized scores (alert events), windows found and false positives (at the
+    first profile's threshold): its row in `seed_summary`."""
+    alerts = report.results["alerts"]
+    first = report.profiles[0].name
+    row = {p.name: alerts[p.name].normalized for p in report.profiles}
+    row["found"] = sum(s.detected for s in alerts[first].series)
+    row["false_positives"] = sum(s.false_positives for s in alerts[first].series)
+    return row
+
+
+def seed_summary(config: str, rows: list[tuple[int, dict[str, float]]]) -> dict[str, Any]:
+    """Each seed's row of numbers and their mean and sample standard deviation: what
+    `seeds.json` holds."""
+    columns = list(rows[0][1])
+    table = np.array([[row[c] for c in columns] for _, row in rows])
     std = table.std(axis=0, ddof=1) if len(rows) > 1 else np.zeros(len(columns))
     return {
-        "config": reports[0][1].config,
-        "seeds": [seed for seed, _ in reports],
+        "config": config,
+        "seeds": [seed for seed, _ in rows],
         "columns": columns,
-        "per_seed": rows,
+        "per_seed": [row for _, row in rows],
         "mean": dict(zip(columns, table.mean(axis=0).tolist(), strict=True)),
         "std": dict(zip(columns, std.tolist(), strict=True)),
     }
 
 
-def print_seed_summary(summary: dict[str, Any], file: TextIO | None = None) -> None:
+def print_seed_summary(summary: dict[str, Any], title: str, digits: int = 1, file: TextIO | None = None) -> None:
+    """The seeds' table under `title`, a column per number, then the mean and standard deviation."""
     stream = file if file is not None else sys.stdout
     columns = summary["columns"]
     heads = [c.replace("reward_", "").replace("_rate", "").replace("false_positives", "FP") for c in columns]
-    print(f"NAB over training seeds {', '.join(map(str, summary['seeds']))} (alert events):", file=stream)
-    print(f"{'seed':<6}" + "".join(f"{h:>10}" for h in heads), file=stream)
+    width = max(10, *(len(h) + 2 for h in heads))
+    print(f"{title} over training seeds {', '.join(map(str, summary['seeds']))}:", file=stream)
+    print(f"{'seed':<6}" + "".join(f"{h:>{width}}" for h in heads), file=stream)
     for seed, row in zip(summary["seeds"], summary["per_seed"], strict=True):
-        print(f"{seed:<6}" + "".join(f"{row[c]:>10.1f}" for c in columns), file=stream)
+        print(f"{seed:<6}" + "".join(f"{row[c]:>{width}.{digits}f}" for c in columns), file=stream)
     for label in ("mean", "std"):
-        print(f"{label:<6}" + "".join(f"{summary[label][c]:>10.1f}" for c in columns), file=stream)
+        print(f"{label:<6}" + "".join(f"{summary[label][c]:>{width}.{digits}f}" for c in columns), file=stream)
 
 
 def print_nab_report(report: NabReport, file: TextIO | None = None) -> None:

@@ -588,6 +588,13 @@ def _write_scores(path: Path, tx: Transactions, scores: dict[str, np.ndarray]) -
             writer.writerow([*(c[i] for c in cols), *(f"{s[i]:.6g}" for s in scores.values())])
 
 
+def fraud_seed_row(report: FraudReport) -> dict[str, float]:
+    """The combined score's AUC-ROC, average precision and card precision@100 (a row of
+    `detector evaluate fraud --seeds`)."""
+    combined = report.results["combined"]
+    return {"AUC-ROC": combined.auc_roc, "AP": combined.average_precision, "CP@100": combined.card_precision_at_100}
+
+
 def print_fraud_report(report: FraudReport, file: TextIO | None = None) -> None:
     out = file or sys.stdout
 

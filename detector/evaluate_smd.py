@@ -606,6 +606,17 @@ def print_smd_report(report: SmdReport, file: TextIO | None = None) -> None:
             f"{r.oracle_adjusted.f1:.3f}")  # fmt: skip
 
 
+def smd_seed_row(report: SmdReport) -> dict[str, float]:
+    """The pooled numbers one run gives per output: point-adjusted and point-wise F1, event
+    recall and precision, and the top-3 cause hit rate (a row of `detector evaluate smd --seeds`)."""
+    r = report.overall
+    row: dict[str, float] = {}
+    for o in OUTPUTS:
+        row |= {f"{o}_PA-F1": r.adjusted[o].f1, f"{o}_F1": r.point[o].f1, f"{o}_ev-R": r.events[o].recall,
+                f"{o}_ev-P": r.events[o].precision, f"{o}_top3": r.causes[o].rate}  # fmt: skip
+    return row
+
+
 def report_dict(report: SmdReport) -> dict[str, object]:
     def machine(r: MachineResult) -> dict[str, object]:
         return {

@@ -272,7 +272,7 @@ def test_evaluate_nab_over_seeds_runs_each_seed_and_summarizes(
             "--out", str(out), "--jobs", "1", "--seeds", "3-4"]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "NAB over training seeds 3, 4 (alert events):" in printed
+    assert "NAB (alert events) over training seeds 3, 4:" in printed
     summary = json.loads((out / "seeds.json").read_text())
     assert summary["seeds"] == [3, 4]
     for seed, row in zip((3, 4), summary["per_seed"], strict=True):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from detector.cli import main
 from detector.config import load_config
@@ -316,6 +317,29 @@ def test_split_from_the_command_line_reaches_the_evaluation(tmp_path: Path) -> N
     # No delay: the test starts on day 3, right after training, and holds the last two days.
     assert saved["split"]["test"] == "2018-07-03 .. 2018-07-04"
     assert saved["test_transactions"] == 2 * 20 * 6
+
+
+def test_evaluate_fraud_over_seeds_summarizes_each_seeds_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "fraud" / "transactions_2018-07.csv.gz"
+    data.parent.mkdir()
+    _write_synthetic(data)
+    config = tmp_path / "transactions.yaml"
+    config.write_text(TINY_CONFIG)
+    out = tmp_path / "out"
+    args = ["evaluate", "fraud", "--data-dir", str(tmp_path), "--config", str(config), "--out", str(out)]
+    assert main([*args, "--split", "1,1,0,2", "--seeds", "0,5"]) == 0
+    assert "Fraud (combined) over training seeds 0, 5:" in capsys.readouterr().out
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["columns"] == ["AUC-ROC", "AP", "CP@100"]
+    for seed, row in zip((0, 5), summary["per_seed"], strict=True):
+        saved = json.loads((out / f"seed-{seed}" / "results.json").read_text())
+        assert row["AUC-ROC"] == saved["results"]["combined"]["auc_roc"]
+        for stream in yaml.safe_load((out / f"seed-{seed}" / "config.yaml").read_text())["streams"].values():
+            assert stream["training"]["seed"] == seed
+    assert summary["mean"]["AP"] == pytest.approx(sum(r["AP"] for r in summary["per_seed"]) / 2)
+    assert main([*args, "--seeds", "4-2"]) == 2
 
 
 def test_ratio_divides_by_the_warning_threshold_even_above_the_critical_one(tmp_path: Path) -> None:

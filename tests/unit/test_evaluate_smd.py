@@ -184,3 +184,18 @@ def test_evaluate_smd_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert len(scores) == 301 and scores[0].startswith("row,label,score")
     # A machine without files is a bad input: exit 2.
     assert main([*args, "--machines", "machine-nope", "--out", str(out), "--jobs", "1"]) == 2
+
+
+def test_evaluate_smd_over_seeds_summarizes_each_seeds_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_machine(tmp_path / "data" / "smd", "machine-x", 1)
+    config = tmp_path / "smd.yaml"
+    config.write_text(CONFIG)
+    out = tmp_path / "out"
+    args = ["evaluate", "smd", "--data-dir", str(tmp_path / "data"), "--config", str(config), "--out", str(out)]
+    assert main([*args, "--machines", "machine-x", "--jobs", "1", "--seeds", "1-2"]) == 0
+    assert "SMD (4 machines pooled) over training seeds 1, 2:" in capsys.readouterr().out
+    summary = json.loads((out / "seeds.json").read_text())
+    for seed, row in zip((1, 2), summary["per_seed"], strict=True):
+        doc = json.loads((out / f"seed-{seed}" / "results.json").read_text())
+        assert row["windows_PA-F1"] == doc["overall"]["windows"]["point_adjusted"]["f1"]
+        assert row["alerts_top3"] == doc["overall"]["alerts"]["top3_cause_hits"]["rate"]
