@@ -19,6 +19,7 @@ from typing import IO, Any, Literal, Protocol
 import numpy as np
 
 from detector.config import AlertPolicy as PolicyConfig
+from detector.config import DailyRepeats as RepeatsConfig
 from detector.config import RegimeChange
 from detector.source import format_timestamp
 from detector.threshold import CRITICAL, NONE, SEVERITY_NAMES, WARNING
@@ -30,6 +31,62 @@ def alert_id(stream: str, entity: str, window_end_ms: int, status: str = "firing
     """Stable id from stream, entity and window end: a replayed window gets the same id."""
     key = f"{stream}\x00{entity}\x00{window_end_ms}\x00{status}".encode()
     return hashlib.sha256(key).hexdigest()[:24]
+
+
+_DAY_MS = 86_400_000
+_NO_BIN = np.iinfo(np.int64).min  # a bin slot that holds no bin yet
+
+
+class DailyRepeats:
+    """Which anomalous windows repeat the entity's own scores of a day earlier (see
+    `detector.config.DailyRepeats`), with state per entity slot: the highest score of each
+    `bin_s` bin of event time over the last day and a bit, in a ring of bins.
+
+    Sequential on purpose, like the dynamic threshold: a window's verdict depends on the
+    windows before it, even within one batch (a replay batch can span days).
+    """
+
+    def __init__(self, config: RepeatsConfig) -> None:
+        self.ratio = config.ratio
+        self.bin_ms = config.bin_s * 1000
+        self.lag = _DAY_MS // self.bin_ms  # bins in a day
+        self.size = self.lag + 3  # yesterday's three bins around today's, and today's
+        self._best = np.zeros((0, self.size), np.float64)
+        self._bin = np.full((0, self.size), _NO_BIN, np.int64)
+
+    def apply(self, slots: np.ndarray, end_ms: np.ndarray, scores: np.ndarray, severity: np.ndarray) -> np.ndarray:
+        """`severity` with the repeats set to NONE; every score updates its entity's bins.
+
+        Shape:
+            slots, end_ms, scores, severity: (R,) in arrival order; returns (R,) int8
+        """
+        need = int(slots.max()) + 1 if len(slots) else 0
+        if need > len(self._best):
+            grow = max(need, 2 * len(self._best)) - len(self._best)
+            self._best = np.concatenate([self._best, np.zeros((grow, self.size))])
+            self._bin = np.concatenate([self._bin, np.full((grow, self.size), _NO_BIN, np.int64)])
+        out = severity.copy()
+        size, lag, ratio = self.size, self.lag, self.ratio
+        for i, (slot, ms, score, level) in enumerate(
+            zip(slots.tolist(), end_ms.tolist(), scores.tolist(), severity.tolist(), strict=True)
+        ):
+            best, bins = self._best[slot], self._bin[slot]
+            b = ms // self.bin_ms
+            if level != NONE:
+                near = [best[j % size] for j in (b - lag - 1, b - lag, b - lag + 1) if bins[j % size] == j]
+                if near and max(near) >= ratio * score:
+                    out[i] = NONE
+            k = b % size
+            if bins[k] != b:
+                bins[k], best[k] = b, score
+            elif score > best[k]:
+                best[k] = score
+        return out
+
+    def forget(self, slot: int) -> None:
+        """Clear an evicted entity's bins before its slot is reused."""
+        if slot < len(self._bin):
+            self._bin[slot] = _NO_BIN
 
 
 @dataclass(frozen=True)

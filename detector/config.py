@@ -442,6 +442,36 @@ def _same_statistics(a: DynamicRule, b: DynamicRule) -> bool:
     return a.method == b.method and smoothing and same
 
 
+class DailyRepeats(_Model):
+    """An anomalous window whose score the entity already reached at about the same time of day
+    a day earlier raises no alert: a nightly backup's or batch job's spike is a habit, not an
+    incident. Each entity keeps the highest score of each `bin_s` of event time over the last
+    day; a window is a repeat when the highest of the three bins around its time of day,
+    yesterday, is at least `ratio` times its score. Repeats still count as anomalous for the
+    thresholds (they do not learn from them), and `detector_daily_repeats_total` counts them."""
+
+    ratio: float = Field(
+        0.8,
+        gt=0,
+        le=10,
+        description="yesterday's highest score near this time of day, over this score, that is a repeat",
+    )
+    bin_s: int = Field(
+        1800,
+        ge=60,
+        le=21_600,
+        description="width of the bins of event time (a divisor of a day); the three around the time of day "
+        "cover 1.5 to 3 bins, 45-90 minutes at the default",
+    )
+
+    @field_validator("bin_s")
+    @classmethod
+    def _divides_a_day(cls, bin_s: int) -> int:
+        if 86_400 % bin_s:
+            raise ValueError(f"must divide a day, 86400 s (got {bin_s})")
+        return bin_s
+
+
 class AlertPolicy(_Model):
     """Fire after `n` anomalous windows among the last `m`; resolve after `resolve_after`
     normal windows in a row; after a resolve, stay quiet for `cooldown_s` of event time.
@@ -460,6 +490,10 @@ class AlertPolicy(_Model):
         None, ge=1, description="normal windows in a row that resolve a firing alert; `null`: `m`"
     )
     top_features: int = Field(3, ge=1, description="contributing features listed in each alert")
+    daily_repeats: DailyRepeats | None = Field(
+        None,
+        description="anomalous windows that repeat yesterday's at the same time of day raise no alert; `null`: off",
+    )
 
     @model_validator(mode="after")
     def _n_within_m(self) -> AlertPolicy:

@@ -153,6 +153,12 @@ class Metrics:
             ["stream"],
             registry=r,
         )
+        self.daily_repeats = Counter(
+            "detector_daily_repeats_total",
+            "Anomalous windows that raised no alert: the entity scored as high at this time of day yesterday.",
+            ["stream"],
+            registry=r,
+        )
         self.commits = Counter("detector_offset_commits_total", "Successful offset commits.", registry=r)
         self.rebalances = Counter("detector_rebalances_total", "Partition assignments received.", registry=r)
         self.reloads = Counter("detector_config_reloads_total", "Config reload attempts.", ["result"], registry=r)

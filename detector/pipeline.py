@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from detector.alerts import Alert, AlertPolicy
+from detector.alerts import Alert, AlertPolicy, DailyRepeats
 from detector.config import Scoring, Stream
 from detector.drift import ScoreDrift
 from detector.engine import Scorer, make_scorer
@@ -63,6 +63,7 @@ class BatchResult:
     alerts: list[Alert]
     windows: int
     evicted: int = 0  # entities evicted as idle (see `detector.window`)
+    repeats: int = 0  # anomalous windows that repeated yesterday's (see `detector.alerts.DailyRepeats`)
 
 
 class Pipeline:
@@ -112,6 +113,8 @@ class Pipeline:
         self.rules = SeverityRules(stream.thresholds, checkpoint.errors)
         features = checkpoint.features[: self.n_features]
         self.policy = AlertPolicy(name, stream.alerts, features, checkpoint.version, stream.regime)
+        repeats = stream.alerts.daily_repeats
+        self.repeats = DailyRepeats(repeats) if repeats is not None else None
         self.baselines = EntityBaselines(
             stream.cold_start.warmup_windows, stream.regime.calibration_windows, checkpoint.errors
         )
@@ -139,7 +142,11 @@ class Pipeline:
     def reconfigure(self, stream: Stream) -> None:
         """Take new thresholds and alert policy. Windows are kept; so is the alert state (an
         open incident still gets its resolve, see `AlertPolicy.reconfigured`) and the state
-        of each dynamic threshold whose rule did not change. A changed rule starts afresh."""
+        of each dynamic threshold whose rule did not change, and of `alerts.daily_repeats` if
+        unchanged. A changed rule starts afresh."""
+        repeats = stream.alerts.daily_repeats
+        if repeats != self.stream.alerts.daily_repeats:  # a changed setting starts afresh, like a rule
+            self.repeats = DailyRepeats(repeats) if repeats is not None else None
         self.stream = stream
         self.rules = SeverityRules(stream.thresholds, self.checkpoint.errors, previous=self.rules)
         self.policy = self.policy.reconfigured(stream.alerts)
@@ -209,6 +216,11 @@ class Pipeline:
         scores, per_feature = self.scorer.score(ready.values)
         self.drift.add(scores)
         sev = self.baselines.apply(self.rules, ready.slots, scores)
+        repeats = 0
+        if self.repeats is not None:
+            judged = sev.severity
+            sev.severity = self.repeats.apply(ready.slots, ready.end_ms, scores, judged)
+            repeats = int(np.count_nonzero(judged != sev.severity))
         rows = ready.rows
         score[rows] = scores
         threshold[rows] = sev.threshold
@@ -233,7 +245,7 @@ class Pipeline:
         if self.retrainer is not None:
             self.retrainer.observe(ready.slots, ready.values, sev.severity != 0, ready.end_ms)
         alerts = self._forget(evicted, ready, alerts, mode)
-        return BatchResult(score, threshold, severity, alert_ids, rejected, alerts, len(ready), len(evicted))
+        return BatchResult(score, threshold, severity, alert_ids, rejected, alerts, len(ready), len(evicted), repeats)
 
     def model_inputs(self, batch: SampleBatch) -> SampleBatch:
         """`batch` with the columns the model takes: the stream's features, then the calendar
@@ -253,6 +265,8 @@ class Pipeline:
         ):
             self.rules.restart(slot)
             self.baselines.forget(slot)
+            if self.repeats is not None:
+                self.repeats.forget(slot)
             placed += [(row, alert) for alert in self.policy.evict([slot], [entity], [last])]
         if mode != "alert" or not placed:
             return alerts

@@ -772,6 +772,8 @@ class Daemon:
     ) -> None:
         m = self.metrics
         m.windows_scored.labels(name, "live").inc(result.windows)
+        if result.repeats:
+            m.daily_repeats.labels(name).inc(result.repeats)
         scored = ~np.isnan(result.score)
         histogram = m.score.labels(name)  # one label lookup per batch, not per window
         for score in result.score[scored].tolist():

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from detector import evaluate as ev
-from detector.alerts import AlertPolicy
+from detector.alerts import AlertPolicy, DailyRepeats
 from detector.config import Stream, load_config
 from detector.model import ErrorStats, load_checkpoint
 from detector.threshold import SeverityRules
@@ -68,6 +68,10 @@ def alert_values(stream: Stream, cached: Any, n_rows: int) -> np.ndarray:
     scores, slots = score[rows], np.zeros(len(rows), np.int64)
     errors = ErrorStats(cached["errors"], float(cached["mean"]), float(cached["std"]))
     severities = SeverityRules(stream.thresholds, errors).apply(slots, scores)
+    if stream.alerts.daily_repeats is not None:
+        severities.severity = DailyRepeats(stream.alerts.daily_repeats).apply(
+            slots, ms[rows], scores, severities.severity
+        )
     policy = AlertPolicy("nab", stream.alerts, ["value"], "cached")
     _, ids = policy.update(
         slots, ["nab"] * len(rows), severities.severity, scores, severities.threshold,
