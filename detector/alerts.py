@@ -40,7 +40,7 @@ _NO_BIN = np.iinfo(np.int64).min  # a bin slot that holds no bin yet
 class DailyRepeats:
     """Which anomalous windows repeat the entity's own scores of a day earlier (see
     `detector.config.DailyRepeats`), with state per entity slot: the highest score of each
-    `bin_s` bin of event time over the last day and a bit, in a ring of bins.
+    `bin_s` bin of event time over the last max(`days`) days and a bit, in a ring of bins.
 
     Sequential on purpose, like the dynamic threshold: a window's verdict depends on the
     windows before it, even within one batch (a replay batch can span days).
@@ -49,8 +49,9 @@ class DailyRepeats:
     def __init__(self, config: RepeatsConfig) -> None:
         self.ratio = config.ratio
         self.bin_ms = config.bin_s * 1000
-        self.lag = _DAY_MS // self.bin_ms  # bins in a day
-        self.size = self.lag + 3  # yesterday's three bins around today's, and today's
+        day = _DAY_MS // self.bin_ms  # bins in a day
+        self.lags = [d * day for d in config.days]
+        self.size = max(self.lags) + 2  # the oldest three bins looked at, up to today's
         self._best = np.zeros((0, self.size), np.float64)
         self._bin = np.full((0, self.size), _NO_BIN, np.int64)
 
@@ -66,14 +67,14 @@ class DailyRepeats:
             self._best = np.concatenate([self._best, np.zeros((grow, self.size))])
             self._bin = np.concatenate([self._bin, np.full((grow, self.size), _NO_BIN, np.int64)])
         out = severity.copy()
-        size, lag, ratio = self.size, self.lag, self.ratio
+        size, lags, ratio = self.size, self.lags, self.ratio
         for i, (slot, ms, score, level) in enumerate(
             zip(slots.tolist(), end_ms.tolist(), scores.tolist(), severity.tolist(), strict=True)
         ):
             best, bins = self._best[slot], self._bin[slot]
             b = ms // self.bin_ms
             if level != NONE:
-                near = [best[j % size] for j in (b - lag - 1, b - lag, b - lag + 1) if bins[j % size] == j]
+                near = [best[j % size] for lag in lags for j in range(b - lag - 1, b - lag + 2) if bins[j % size] == j]
                 if near and max(near) >= ratio * score:
                     out[i] = NONE
             k = b % size

@@ -444,11 +444,12 @@ def _same_statistics(a: DynamicRule, b: DynamicRule) -> bool:
 
 class DailyRepeats(_Model):
     """An anomalous window whose score the entity already reached at about the same time of day
-    a day earlier raises no alert: a nightly backup's or batch job's spike is a habit, not an
-    incident. Each entity keeps the highest score of each `bin_s` of event time over the last
-    day; a window is a repeat when the highest of the three bins around its time of day,
-    yesterday, is at least `ratio` times its score. Repeats still count as anomalous for the
-    thresholds (they do not learn from them), and `detector_daily_repeats_total` counts them."""
+    a day earlier (or `days` earlier) raises no alert: a nightly backup's or batch job's spike is
+    a habit, not an incident. Each entity keeps the highest score of each `bin_s` of event time
+    over the last max(`days`) days; a window is a repeat when the highest of the three bins
+    around its time of day, on one of those days, is at least `ratio` times its score. Repeats
+    still count as anomalous for the thresholds (they do not learn from them), and
+    `detector_daily_repeats_total` counts them."""
 
     ratio: float = Field(
         0.8,
@@ -463,6 +464,20 @@ class DailyRepeats(_Model):
         description="width of the bins of event time (a divisor of a day); the three around the time of day "
         "cover 1.5 to 3 bins, 45-90 minutes at the default",
     )
+
+    days: list[int] = Field(
+        [1],
+        min_length=1,
+        description="days back to compare with, each at the same time of day (`[1, 7]`: yesterday and a "
+        "week ago, for a weekly job); the state is max(days) x 86400 / bin_s bins per entity",
+    )
+
+    @field_validator("days")
+    @classmethod
+    def _days_back(cls, days: list[int]) -> list[int]:
+        if any(d < 1 or d > 28 for d in days) or len(set(days)) != len(days):
+            raise ValueError(f"give distinct whole days from 1 to 28 (got {days})")
+        return sorted(days)
 
     @field_validator("bin_s")
     @classmethod

@@ -147,3 +147,19 @@ def test_a_reload_keeps_the_bins_unless_the_setting_changed() -> None:
     assert pipeline.repeats is not kept and pipeline.repeats is not None and pipeline.repeats.ratio == 0.5
     pipeline.reconfigure(_stream(None))
     assert pipeline.repeats is None
+
+
+def test_a_weekly_job_repeats_a_week_later_when_seven_days_back_are_compared() -> None:
+    weekly = DailyRepeats(RepeatsConfig(ratio=0.8, bin_s=1800, days=[1, 7]))
+    daily = DailyRepeats(RepeatsConfig(ratio=0.8, bin_s=1800))
+    friday_night = [(0, 21.0, 10.0, WARNING), (0, 7 * 24 + 21.2, 10.0, WARNING)]
+    assert judge(weekly, friday_night) == [WARNING, NONE]
+    assert judge(daily, friday_night) == [WARNING, WARNING]
+    assert judge(weekly, [(0, 8 * 24 + 21.0, 10.0, WARNING)]) == [NONE]  # yesterday counts too
+    assert judge(weekly, [(0, 10 * 24 + 21.0, 10.0, WARNING)]) == [WARNING]  # 2 days back is neither
+
+
+@pytest.mark.parametrize("days", [[], [0], [1, 1], [29]])
+def test_days_back_are_distinct_whole_days(days: list[int]) -> None:
+    with pytest.raises(ValueError, match="days"):
+        RepeatsConfig(days=days)
