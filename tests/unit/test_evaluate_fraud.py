@@ -304,14 +304,19 @@ def test_split_parses_from_the_command_line(tmp_path: Path, capsys: pytest.Captu
     assert "--split" in capsys.readouterr().err
 
 
-def test_split_from_the_command_line_reaches_the_evaluation(tmp_path: Path) -> None:
+def cli_args(tmp_path: Path, out: Path) -> list[str]:
+    """`detector evaluate fraud` on synthetic data and the tiny config written under `tmp_path`."""
     data = tmp_path / "fraud" / "transactions_2018-07.csv.gz"
     data.parent.mkdir()
     _write_synthetic(data)
     config = tmp_path / "transactions.yaml"
     config.write_text(TINY_CONFIG)
+    return ["evaluate", "fraud", "--data-dir", str(tmp_path), "--config", str(config), "--out", str(out)]
+
+
+def test_split_from_the_command_line_reaches_the_evaluation(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = ["evaluate", "fraud", "--data-dir", str(tmp_path), "--config", str(config), "--out", str(out)]
+    args = cli_args(tmp_path, out)
     assert main([*args, "--split", "1,1,0,2"]) == 0
     saved = json.loads((out / "results.json").read_text())
     # No delay: the test starts on day 3, right after training, and holds the last two days.
@@ -322,13 +327,8 @@ def test_split_from_the_command_line_reaches_the_evaluation(tmp_path: Path) -> N
 def test_evaluate_fraud_over_seeds_summarizes_each_seeds_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data = tmp_path / "fraud" / "transactions_2018-07.csv.gz"
-    data.parent.mkdir()
-    _write_synthetic(data)
-    config = tmp_path / "transactions.yaml"
-    config.write_text(TINY_CONFIG)
     out = tmp_path / "out"
-    args = ["evaluate", "fraud", "--data-dir", str(tmp_path), "--config", str(config), "--out", str(out)]
+    args = cli_args(tmp_path, out)
     assert main([*args, "--split", "1,1,0,2", "--seeds", "0,5"]) == 0
     assert "Fraud (combined) over training seeds 0, 5:" in capsys.readouterr().out
     summary = json.loads((out / "seeds.json").read_text())
