@@ -335,7 +335,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         def run(config: Path, out: Path) -> Any:
             return evaluate_smd(args.data_dir, config, out, machines, max(1, args.jobs))
 
-        show, write, row, title, digits = print_smd_report, write_smd_report, smd_seed_row, "SMD (4 machines pooled)", 3
+        title = f"SMD ({machines[0]})" if len(machines) == 1 else f"SMD ({len(machines)} machines pooled)"
+        show, write, row, digits = print_smd_report, write_smd_report, smd_seed_row, 3
     elif args.benchmark == "fraud":
         from detector.evaluate_fraud import (
             FraudSplit,

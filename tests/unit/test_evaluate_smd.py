@@ -193,7 +193,7 @@ def test_evaluate_smd_over_seeds_summarizes_each_seeds_run(tmp_path: Path, capsy
     out = tmp_path / "out"
     args = ["evaluate", "smd", "--data-dir", str(tmp_path / "data"), "--config", str(config), "--out", str(out)]
     assert main([*args, "--machines", "machine-x", "--jobs", "1", "--seeds", "1-2"]) == 0
-    assert "SMD (4 machines pooled) over training seeds 1, 2:" in capsys.readouterr().out
+    assert "SMD (machine-x) over training seeds 1, 2:" in capsys.readouterr().out
     summary = json.loads((out / "seeds.json").read_text())
     for seed, row in zip((1, 2), summary["per_seed"], strict=True):
         doc = json.loads((out / f"seed-{seed}" / "results.json").read_text())
