@@ -164,6 +164,9 @@ class _EntityState:
     critical_threshold: float = math.nan
     incident_windows: int = 0  # windows since the incident fired
     fired_at_ms: int = 0  # event time the incident fired
+    # Of the open incident, then of the last one resolved (what its cooldown holds back):
+    peak: float = 0.0  # highest score/threshold among its anomalous windows
+    peak_severity: int = NONE  # highest severity it reached
 
     @property
     def active_id(self) -> str | None:
@@ -181,7 +184,9 @@ class AlertPolicy:
       `replaces` names the id it supersedes.
     - After `resolve_after` normal windows in a row (default `m`), a `resolved` event ends the
       incident (`resolves`: its latest firing id; `ends`: all of them), and the entity cannot
-      fire again until `cooldown_s` of event time has passed.
+      fire again until `cooldown_s` of event time has passed, unless it gets worse than that
+      incident: a higher severity than it reached, or (with `cooldown_breakout` = b) a window
+      whose score/threshold is at least b times the incident's highest.
     - With `regime` set, an incident open for `regime.after_windows` windows or
       `regime.after_s` seconds of event time ends with a `regime_change` event instead (ids
       as for a resolve, no cooldown), and its entity's N-of-M history is cleared. The
@@ -283,6 +288,7 @@ class AlertPolicy:
         events: list[Alert] = []
         ids: list[str | None] = []
         cooldown_ms = int(cfg.cooldown_s * 1000)
+        breakout = cfg.cooldown_breakout
         regime = self.regime
         self.regime_changes = []
         rebased: set[int] = set()
@@ -303,9 +309,23 @@ class AlertPolicy:
             if sev == CRITICAL:
                 state.critical_score, state.critical_threshold = float(scores[i]), float(thresholds[i])
             end = int(end_ms[i])
+            # Score over the threshold it was judged by: comparable across a moving threshold.
+            ratio = float(scores[i]) / float(thresholds[i]) if thresholds[i] > 0 else math.inf
+            if state.incident and anomalous:
+                state.peak = max(state.peak, ratio)
             if not state.incident:
-                if anomalous and state.history.bit_count() >= cfg.n and end >= state.resolved_at_ms + cooldown_ms:
-                    worst = CRITICAL if state.critical_history else WARNING
+                worst = CRITICAL if state.critical_history else WARNING
+                # A cooldown holds back repeats of the incident that resolved, not something
+                # worse: a higher severity, or a far higher score, fires.
+                if (
+                    anomalous
+                    and state.history.bit_count() >= cfg.n
+                    and (
+                        end >= state.resolved_at_ms + cooldown_ms
+                        or worst > state.peak_severity
+                        or (breakout is not None and math.isfinite(state.peak) and ratio >= breakout * state.peak)
+                    )
+                ):
                     alert = self._alert(i, entities[i], worst, scores, thresholds, per_feature, start_ms, end_ms)
                     if worst != sev:
                         # The critical window came earlier among the last m: report its score and
@@ -316,10 +336,12 @@ class AlertPolicy:
                     events.append(alert)
                     state.incident, state.active_severity = (alert.id,), worst
                     state.incident_windows, state.fired_at_ms = 0, end
+                    state.peak, state.peak_severity = ratio, worst
             elif anomalous and sev > state.active_severity:
                 alert = self._alert(i, entities[i], sev, scores, thresholds, per_feature, start_ms, end_ms)
                 events.append(replace(alert, replaces=state.incident[-1]))
                 state.incident, state.active_severity = (*state.incident, alert.id), sev
+                state.peak_severity = sev
             elif state.normal_streak >= cfg.resolve_windows:
                 last = self._alert(
                     i, entities[i], state.active_severity, scores, thresholds, per_feature, start_ms, end_ms
@@ -345,7 +367,9 @@ class AlertPolicy:
                         )
                     )
                     # A clean slate: the new regime's first anomalies must not count old ones.
-                    self._state[slot] = _EntityState(resolved_at_ms=state.resolved_at_ms)
+                    self._state[slot] = _EntityState(
+                        resolved_at_ms=state.resolved_at_ms, peak=state.peak, peak_severity=state.peak_severity
+                    )
                     self.regime_changes.append(i)
                     rebased.add(slot)
                     ids.append(None)

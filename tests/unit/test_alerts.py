@@ -28,9 +28,14 @@ class Driver:
         self.slot_of: dict[str, int] = {}
 
     def feed(
-        self, severities: list[int], entities: list[str] | str = "host-a", gap_windows: int = 0
+        self,
+        severities: list[int],
+        entities: list[str] | str = "host-a",
+        gap_windows: int = 0,
+        scores: list[float] | None = None,
     ) -> tuple[list[Alert], list[str | None], np.ndarray]:
-        """Returns the events, the per-window firing ids, and the window end times."""
+        """Returns the events, the per-window firing ids, and the window end times. Scores
+        default to 0.5 / 2 / 5 (none / warning / critical) against thresholds 1 / 1 / 4."""
         n = len(severities)
         names = [entities] * n if isinstance(entities, str) else list(entities)
         slots = np.array([self.slot_of.setdefault(e, len(self.slot_of)) for e in names], np.int64)
@@ -39,11 +44,14 @@ class Driver:
         self.clock += n
         end_ms = T0_MS + (index + 1) * STEP_MS
         sev = np.asarray(severities, np.int8)
-        scores = np.where(sev == NONE, 0.5, np.where(sev == WARNING, 2.0, 5.0)) + index * 1e-3
+        if scores is None:
+            score = np.where(sev == NONE, 0.5, np.where(sev == WARNING, 2.0, 5.0)) + index * 1e-3
+        else:
+            score = np.asarray(scores, np.float64)
         thresholds = np.where(sev == CRITICAL, 4.0, 1.0)
-        per_feature = np.tile(np.array([0.1, 0.3, 0.2]), (n, 1)) * scores[:, None]
+        per_feature = np.tile(np.array([0.1, 0.3, 0.2]), (n, 1)) * score[:, None]
         events, ids = self.policy.update(
-            slots, names, sev, scores, thresholds, per_feature, end_ms - 15 * STEP_MS, end_ms
+            slots, names, sev, score, thresholds, per_feature, end_ms - 15 * STEP_MS, end_ms
         )
         return events, ids, end_ms
 
@@ -316,6 +324,43 @@ def test_without_cooldown_it_can_fire_again_right_after_resolve() -> None:
     events, _, end_ms = Driver(n=3, m=5, cooldown_s=0).feed([1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1])
     assert [(e.status, window_of(e, end_ms)) for e in events] == [("firing", 2), ("resolved", 7), ("firing", 10)]
     assert events[2].id != events[0].id
+
+
+def test_a_higher_severity_fires_through_the_cooldown_of_a_lower_one() -> None:
+    driver = Driver(n=1, m=1, resolve_after=2, cooldown_s=3600)
+    events, _, _ = driver.feed([1, 0, 0])
+    assert [(e.status, e.severity) for e in events] == [("firing", "warning"), ("resolved", "warning")]
+    # Within the warning incident's cooldown: more warnings stay quiet, a critical window fires.
+    events, _, end_ms = driver.feed([1, 1, 2, 2, 0, 0])
+    assert [(e.status, e.severity, window_of(e, end_ms)) for e in events] == [
+        ("firing", "critical", 2),
+        ("resolved", "critical", 5),
+    ]
+    # Within the critical incident's cooldown nothing fires, not even critical.
+    events, _, _ = driver.feed([1, 2, 2])
+    assert events == []
+
+
+def test_cooldown_breakout_fires_on_a_far_higher_score_only() -> None:
+    def run(**config: object) -> list[tuple[str, int]]:
+        driver = Driver(n=1, m=1, resolve_after=2, cooldown_s=3600, **config)
+        # An incident peaking at score/threshold 2.5, then warnings during its cooldown.
+        driver.feed([1, 1, 0, 0], scores=[1.5, 2.5, 0.5, 0.5])
+        events, _, end_ms = driver.feed([1, 0, 1, 1], scores=[7.0, 0.5, 7.5, 9.0])
+        return [(e.status, window_of(e, end_ms)) for e in events]
+
+    assert run() == []  # the cooldown holds
+    assert run(cooldown_breakout=3) == [("firing", 2)]  # 7.5 ≥ 3·2.5; 7.0 was not
+    assert run(cooldown_breakout=4) == []  # 9 < 4·2.5
+
+
+def test_cooldown_breakout_compares_against_the_incident_that_resolved() -> None:
+    driver = Driver(n=1, m=1, resolve_after=1, cooldown_s=3600, cooldown_breakout=2)
+    driver.feed([1, 0], scores=[3.0, 0.5])
+    # 6.5 breaks out of the first incident's cooldown; the second incident peaks at 6.5, so
+    # breaking out of its cooldown takes 13.
+    events, _, end_ms = driver.feed([1, 0, 1, 1], scores=[6.5, 0.5, 12.0, 13.0])
+    assert [(e.status, window_of(e, end_ms)) for e in events] == [("firing", 0), ("resolved", 1), ("firing", 3)]
 
 
 # --- entities and ids ----------------------------------------------------------------------

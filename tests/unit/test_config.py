@@ -330,6 +330,12 @@ def test_union_member_paths_have_no_tag(section: str, value: Any, path: str) -> 
         assert f".{tag}." not in problem.split(": ", 1)[0]
 
 
+def test_cooldown_breakout_must_exceed_one() -> None:
+    data = base()
+    data["streams"]["web"]["alerts"] = {"cooldown_breakout": 1}
+    assert only_problem(data).startswith("streams.web.alerts.cooldown_breakout: Input should be greater than 1")
+
+
 def test_n_greater_than_m() -> None:
     data = base()
     data["streams"]["web"]["alerts"] = {"n": 4, "m": 3}
