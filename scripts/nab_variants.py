@@ -62,7 +62,9 @@ def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def alert_values(stream: Stream, cached: Any, n_rows: int) -> np.ndarray:
-    """What `nab_values(..., "alerts")` gives for one series under `stream`'s thresholds and alerts."""
+    """What `nab_values(..., "alerts")` gives for one series under `stream`'s thresholds and alerts
+    (its warning rule only, as `detector evaluate nab` replays it: `ev.warning_only`)."""
+    stream = ev.warning_only(stream)
     score, ms = cached["score"], cached["ms"]
     rows = np.flatnonzero(~np.isnan(score))
     scores, slots = score[rows], np.zeros(len(rows), np.int64)
