@@ -386,6 +386,12 @@ class DynamicRule(_Model):
         description="once warm, a normal score updates the statistics as at most mean + `winsorize`·std, so large "
         "errors below a larger threshold do not inflate it; `null`: off",
     )
+    min_ratio: float | None = Field(
+        None,
+        gt=1,
+        description="the threshold is at least this many times the centre (mean, or median) of the scores it is "
+        "computed from, so an entity whose scores barely vary does not alert on a small rise; `null`: off",
+    )
 
 
 Rule = Annotated[StaticRule | QuantileRule | SigmaRule | PotRule | DynamicRule, Field(discriminator="rule")]
@@ -403,7 +409,8 @@ class Thresholds(_Model):
         description="rule for a critical one; `null`: none. Refused when provably never above `warning` (same rule "
         "with comparable parameters: a lower or equal static `value`; `q` and `factor` both lower or equal; a lower or "
         "equal sigma `k`; a pot `q` as high or higher at the same `level`; the same dynamic statistics with a lower or "
-        "equal `k`). Mixed rule kinds (e.g. quantile warning, static critical) are allowed and not checked",
+        "equal `k`, or a lower `min_ratio`). Mixed rule kinds (e.g. quantile warning, static critical) are allowed and "
+        "not checked",
     )
 
     @field_validator("critical")
@@ -430,8 +437,15 @@ class Thresholds(_Model):
             raise ValueError(
                 f"critical q {c.q:g} must be below the warning q {w.q:g} (a smaller risk is a higher score)"
             )
-        if isinstance(w, DynamicRule) and isinstance(c, DynamicRule) and _same_statistics(w, c) and c.k <= w.k:
-            raise ValueError(f"critical k {c.k:g} must be above the warning k {w.k:g} (same {c.method} statistics)")
+        if isinstance(w, DynamicRule) and isinstance(c, DynamicRule) and _same_statistics(w, c):
+            if c.k <= w.k:
+                raise ValueError(f"critical k {c.k:g} must be above the warning k {w.k:g} (same {c.method} statistics)")
+            if (c.min_ratio or 1.0) < (w.min_ratio or 1.0):
+                # Where the warning's floor binds, a lower critical floor would put critical below warning.
+                raise ValueError(
+                    f"critical min_ratio {c.min_ratio} must be at least the warning min_ratio {w.min_ratio:g} "
+                    f"(same {c.method} statistics)"
+                )
         return c
 
 

@@ -63,11 +63,15 @@ class DynamicThreshold:
     entity's statistics restart from exactly those R scores (as if they were its first
     normal scores, and warm from then on), so a persistent new level stops being anomalous
     instead of keeping an alert open for ever.
+
+    With `min_ratio` = f, a threshold is never below f times the centre it sits above (the
+    population's too): an entity whose scores barely vary (a quantized, near-idle metric)
+    would otherwise alert on a rise of a few percent.
     """
 
     def __init__(self, rule: DynamicRule, population: ErrorStats) -> None:
         self.rule = rule
-        self.population = population.mean + rule.k * population.std
+        self.population = self._floored(population.mean + rule.k * population.std, population.mean)
         self._n = np.zeros(0, np.int64)
         self._mean = np.zeros(0, np.float64)
         self._var = np.zeros(0, np.float64)
@@ -87,6 +91,10 @@ class DynamicThreshold:
             setattr(self, name, getattr(previous, name).copy())
         for name, power in (("_mean", 1), ("_var", 2), ("_pending", 1), ("_ring", 1)):
             setattr(self, name, getattr(previous, name) * factor**power)
+
+    def _floored(self, threshold: float, centre: float) -> float:
+        ratio = self.rule.min_ratio
+        return threshold if ratio is None else max(threshold, ratio * centre)
 
     def restart(self, slot: int) -> None:
         """Forget the slot's statistics: it starts cold, as a new entity (a regime change)."""
@@ -153,7 +161,7 @@ class DynamicThreshold:
         out = np.empty(len(scores), np.float64)
         cold_rows = np.zeros(len(scores), np.bool_) if population is None else population.astype(np.bool_)
         k, warmup, population_value = self.rule.k, self.rule.warmup, self.population
-        regime_after, winsorize = self.rule.regime_after, self.rule.winsorize
+        regime_after, winsorize, min_ratio = self.rule.regime_after, self.rule.winsorize, self.rule.min_ratio
         n_arr, mean_arr, var_arr = self._n, self._mean, self._var
         # Sequential on purpose: each score's threshold depends on the scores before it.
         for i in range(len(scores)):
@@ -161,7 +169,12 @@ class DynamicThreshold:
             n = int(n_arr[slot])
             cold = n == 0 or (n < warmup and not self._rebased[slot])
             cold_rows[i] |= cold
-            threshold = population_value if cold_rows[i] else mean_arr[slot] + k * var_arr[slot] ** 0.5
+            if cold_rows[i]:
+                threshold = population_value
+            else:
+                threshold = mean_arr[slot] + k * var_arr[slot] ** 0.5
+                if min_ratio is not None:
+                    threshold = max(threshold, min_ratio * mean_arr[slot])
             out[i] = threshold
             if not update:
                 continue

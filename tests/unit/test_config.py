@@ -330,6 +330,15 @@ def test_union_member_paths_have_no_tag(section: str, value: Any, path: str) -> 
         assert f".{tag}." not in problem.split(": ", 1)[0]
 
 
+def test_a_dynamic_critical_with_a_lower_min_ratio_than_its_warning_is_refused() -> None:
+    data = base()
+    rule = {"rule": "dynamic", "k": 4.0, "min_ratio": 1.5}
+    data["streams"]["web"]["thresholds"] = {"warning": rule, "critical": {**rule, "k": 8.0, "min_ratio": 1.2}}
+    assert "critical min_ratio 1.2 must be at least the warning min_ratio 1.5" in only_problem(data)
+    data["streams"]["web"]["thresholds"]["critical"]["min_ratio"] = 2.0
+    Config.model_validate(data)
+
+
 def test_cooldown_breakout_must_exceed_one() -> None:
     data = base()
     data["streams"]["web"]["alerts"] = {"cooldown_breakout": 1}

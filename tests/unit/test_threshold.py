@@ -344,6 +344,43 @@ def test_winsorize_at_or_above_k_changes_nothing() -> None:
     np.testing.assert_array_equal(clipped, plain)
 
 
+def test_min_ratio_floors_the_threshold_at_a_multiple_of_the_centre() -> None:
+    # Near-constant scores: mean + 3·std hugs the mean, so a 10% rise would alert; with
+    # min_ratio 1.5 the threshold is 1.5 times the mean instead. The population threshold
+    # (1.0 + 3 · 0.5 = 2.5) is already above 1.5 · 1.0.
+    scores = [1.0, 1.01, 0.99, 1.0, 1.1]
+    plain = dynamic(method="ewma", k=3.0, alpha=0.5, warmup=1).apply(*one_slot(scores))
+    floored = dynamic(method="ewma", k=3.0, alpha=0.5, warmup=1, min_ratio=1.5).apply(*one_slot(scores))
+    assert plain[4] < 1.1  # the rise alerts without the floor
+    assert floored[0] == plain[0] == 2.5
+    # After [1.0]: mean 1, std 0; after [1.0, 1.01]: mean 1.005.
+    np.testing.assert_allclose(floored[1:3], [1.5, 1.5 * 1.005], rtol=1e-12)
+    assert floored[4] > 1.1
+
+
+def test_min_ratio_floors_the_population_threshold_too() -> None:
+    # Population: mean 1.0 + k 0.5 · std 0.5 = 1.25, below 2 · 1.0.
+    assert dynamic(k=0.5, min_ratio=2.0).apply(*one_slot([0.0]))[0] == 2.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    scores=st.lists(st.floats(0.0, 10.0), min_size=1, max_size=60),
+    method=st.sampled_from(["ewma", "rolling", "median"]),
+    ratio=st.floats(1.01, 5.0),
+)
+def test_min_ratio_only_ever_raises_a_threshold(scores: list[float], method: str, ratio: float) -> None:
+    """Until the first score the floor turns from anomalous into normal, the floored
+    thresholds are the plain ones raised to at least ratio x the plain rule's centre."""
+    slots, values = one_slot(scores)
+    plain_rule = dynamic(method=method, k=2.0, window=5, warmup=2, alpha=0.3)
+    plain = plain_rule.apply(slots, values)
+    floored = dynamic(method=method, k=2.0, window=5, warmup=2, alpha=0.3, min_ratio=ratio).apply(slots, values)
+    differs = np.flatnonzero((values > plain) != (values > floored))
+    same_until = int(differs[0]) + 1 if len(differs) else len(scores)
+    assert np.all(floored[:same_until] >= plain[:same_until])
+
+
 # --- dynamic: regime change ----------------------------------------------------------------
 
 
@@ -468,6 +505,7 @@ def dynamic_cases(draw: st.DrawFn) -> tuple[DynamicRule, np.ndarray, np.ndarray,
         warmup=draw(st.integers(0, 6)),
         regime_after=draw(st.none() | st.integers(1, 5)),
         winsorize=draw(st.none() | st.floats(0.1, 5.0)),
+        min_ratio=draw(st.none() | st.floats(1.01, 5.0)),
     )
     n = draw(st.integers(0, 80))
     slots = np.asarray(draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)), np.int64)
