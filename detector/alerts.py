@@ -165,7 +165,7 @@ class _EntityState:
     incident_windows: int = 0  # windows since the incident fired
     fired_at_ms: int = 0  # event time the incident fired
     # Of the open incident, then of the last one resolved (what its cooldown holds back):
-    peak: float = 0.0  # highest score/threshold among its anomalous windows
+    peak: float = 0.0  # highest score among its anomalous windows
     peak_severity: int = NONE  # highest severity it reached
 
     @property
@@ -186,7 +186,7 @@ class AlertPolicy:
       incident (`resolves`: its latest firing id; `ends`: all of them), and the entity cannot
       fire again until `cooldown_s` of event time has passed, unless it gets worse than that
       incident: a higher severity than it reached, or (with `cooldown_breakout` = b) a window
-      whose score/threshold is at least b times the incident's highest.
+      scoring at least b times the incident's highest score.
     - With `regime` set, an incident open for `regime.after_windows` windows or
       `regime.after_s` seconds of event time ends with a `regime_change` event instead (ids
       as for a resolve, no cooldown), and its entity's N-of-M history is cleared. The
@@ -309,10 +309,9 @@ class AlertPolicy:
             if sev == CRITICAL:
                 state.critical_score, state.critical_threshold = float(scores[i]), float(thresholds[i])
             end = int(end_ms[i])
-            # Score over the threshold it was judged by: comparable across a moving threshold.
-            ratio = float(scores[i]) / float(thresholds[i]) if thresholds[i] > 0 else math.inf
+            score = float(scores[i])
             if state.incident and anomalous:
-                state.peak = max(state.peak, ratio)
+                state.peak = max(state.peak, score)
             if not state.incident:
                 worst = CRITICAL if state.critical_history else WARNING
                 # A cooldown holds back repeats of the incident that resolved, not something
@@ -323,7 +322,7 @@ class AlertPolicy:
                     and (
                         end >= state.resolved_at_ms + cooldown_ms
                         or worst > state.peak_severity
-                        or (breakout is not None and math.isfinite(state.peak) and ratio >= breakout * state.peak)
+                        or (breakout is not None and score >= breakout * state.peak)
                     )
                 ):
                     alert = self._alert(i, entities[i], worst, scores, thresholds, per_feature, start_ms, end_ms)
@@ -336,7 +335,7 @@ class AlertPolicy:
                     events.append(alert)
                     state.incident, state.active_severity = (alert.id,), worst
                     state.incident_windows, state.fired_at_ms = 0, end
-                    state.peak, state.peak_severity = ratio, worst
+                    state.peak, state.peak_severity = score, worst
             elif anomalous and sev > state.active_severity:
                 alert = self._alert(i, entities[i], sev, scores, thresholds, per_feature, start_ms, end_ms)
                 events.append(replace(alert, replaces=state.incident[-1]))

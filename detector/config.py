@@ -505,7 +505,7 @@ class AlertPolicy(_Model):
     """Fire after `n` anomalous windows among the last `m`; resolve after `resolve_after`
     normal windows in a row; after a resolve, stay quiet for `cooldown_s` of event time
     unless the entity gets worse than the incident that resolved (a higher severity, or a
-    score/threshold `cooldown_breakout` times its highest).
+    score `cooldown_breakout` times its highest).
 
     A short `m` reacts within a few windows; a long one (hundreds of windows) fires on a
     sustained rise in the rate of anomalous windows, which catches long, moderate
@@ -523,8 +523,8 @@ class AlertPolicy(_Model):
     cooldown_breakout: float | None = Field(
         None,
         gt=1,
-        description="during a cooldown, a window whose score/threshold is at least this many times the highest of "
-        "the incident that resolved fires anyway (a higher severity always does); `null`: only severity",
+        description="during a cooldown, a window scoring at least this many times the highest score of the incident "
+        "that resolved fires anyway (a higher severity always does); `null`: only severity",
     )
     top_features: int = Field(3, ge=1, description="contributing features listed in each alert")
     daily_repeats: DailyRepeats | None = Field(

@@ -71,7 +71,9 @@ class DynamicThreshold:
 
     def __init__(self, rule: DynamicRule, population: ErrorStats) -> None:
         self.rule = rule
-        self.population = self._floored(population.mean + rule.k * population.std, population.mean)
+        self.population = population.mean + rule.k * population.std
+        if rule.min_ratio is not None:
+            self.population = max(self.population, rule.min_ratio * population.mean)
         self._n = np.zeros(0, np.int64)
         self._mean = np.zeros(0, np.float64)
         self._var = np.zeros(0, np.float64)
@@ -91,10 +93,6 @@ class DynamicThreshold:
             setattr(self, name, getattr(previous, name).copy())
         for name, power in (("_mean", 1), ("_var", 2), ("_pending", 1), ("_ring", 1)):
             setattr(self, name, getattr(previous, name) * factor**power)
-
-    def _floored(self, threshold: float, centre: float) -> float:
-        ratio = self.rule.min_ratio
-        return threshold if ratio is None else max(threshold, ratio * centre)
 
     def restart(self, slot: int) -> None:
         """Forget the slot's statistics: it starts cold, as a new entity (a regime change)."""

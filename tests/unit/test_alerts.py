@@ -344,7 +344,7 @@ def test_a_higher_severity_fires_through_the_cooldown_of_a_lower_one() -> None:
 def test_cooldown_breakout_fires_on_a_far_higher_score_only() -> None:
     def run(**config: object) -> list[tuple[str, int]]:
         driver = Driver(n=1, m=1, resolve_after=2, cooldown_s=3600, **config)
-        # An incident peaking at score/threshold 2.5, then warnings during its cooldown.
+        # An incident peaking at score 2.5 (thresholds 1), then warnings during its cooldown.
         driver.feed([1, 1, 0, 0], scores=[1.5, 2.5, 0.5, 0.5])
         events, _, end_ms = driver.feed([1, 0, 1, 1], scores=[7.0, 0.5, 7.5, 9.0])
         return [(e.status, window_of(e, end_ms)) for e in events]
