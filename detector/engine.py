@@ -16,7 +16,7 @@ so a window's score does not depend on how windows were cut into batches, in eit
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from torch import nn
@@ -66,17 +66,18 @@ class OnnxScorer:
         return score_in_passes(self._run, np.ascontiguousarray(windows, dtype=np.float32), self.batch_windows)
 
 
-class MedianScorer:
-    """An ensemble's scores: the median of its members' scorers, per window and per feature
-    (`detector.model.reconstruction_error` takes the same median in torch)."""
+class EnsembleScorer:
+    """An ensemble's scores: the mean or the median of its members' scorers, per window and per
+    feature (`detector.model.reconstruction_error` combines them the same way in torch)."""
 
-    def __init__(self, members: list[Scorer]) -> None:
+    def __init__(self, members: list[Scorer], combine: Literal["mean", "median"]) -> None:
         self.members = members
+        self.combine = np.mean if combine == "mean" else np.median
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scored = [m.score(windows) for m in self.members]
-        per_window = np.median(np.stack([s for s, _ in scored]), axis=0).astype(np.float32)
-        return per_window, np.median(np.stack([f for _, f in scored]), axis=0).astype(np.float32)
+        per_window = self.combine(np.stack([s for s, _ in scored]), axis=0).astype(np.float32)
+        return per_window, self.combine(np.stack([f for _, f in scored]), axis=0).astype(np.float32)
 
 
 def make_scorer(model: Autoencoder, window_size: int, scoring: Scoring) -> Scorer:
@@ -86,7 +87,7 @@ def make_scorer(model: Autoencoder, window_size: int, scoring: Scoring) -> Score
     members: list[Scorer] = [
         OnnxScorer(m, window_size, scoring.batch_windows, scoring.threads) for m in autoencoders(model)
     ]
-    return members[0] if len(members) == 1 else MedianScorer(members)
+    return members[0] if len(members) == 1 else EnsembleScorer(members, model.spec.ensemble_score)
 
 
 # --- the ONNX graph --------------------------------------------------------------------------

@@ -79,10 +79,11 @@ class RecurrentAutoencoder(nn.Module):
 class AutoencoderEnsemble(nn.Module):
     """`spec.ensemble` autoencoders of one shape, trained alike from different seeds.
 
-    It reconstructs nothing itself: `reconstruction_error` takes the median of its members'
-    errors, per window and per feature. Each model trained on a short history has its own
-    blind spots and its own spurious misses; the median keeps what most of them agree on (on
-    NAB: fewer false alerts, and a score that moves less with the seed; docs/results.md).
+    It reconstructs nothing itself: `reconstruction_error` combines its members' errors, per
+    window and per feature, by their mean (or median, `spec.ensemble_score`). Each model trained
+    on a short history has its own blind spots and its own spurious misses; combined, what most
+    of them agree on stands out (on NAB: fewer false alerts, and a score that moves less with the
+    seed; docs/results.md).
     """
 
     def __init__(self, n_features: int, spec: ModelSpec, members: list[RecurrentAutoencoder] | None = None) -> None:
@@ -114,8 +115,8 @@ def reconstruction_error(
     model: nn.Module, windows: torch.Tensor, last_steps: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean squared reconstruction error per window and per feature, over the window's last
-    `last_steps` steps (all when None); of an ensemble, the median of its members' (an odd
-    count, so each value is one member's).
+    `last_steps` steps (all when None); of an ensemble, the mean or the median of its members'
+    (`spec.ensemble_score`; the median of an odd count, so each value is one member's).
 
     Shape:
         windows: (B, W, D)
@@ -123,8 +124,10 @@ def reconstruction_error(
     """
     if isinstance(model, AutoencoderEnsemble):
         errors = [reconstruction_error(m, windows, last_steps) for m in model.autoencoders()]
-        per_window = torch.stack([e[0] for e in errors]).median(dim=0).values
-        return per_window, torch.stack([e[1] for e in errors]).median(dim=0).values
+        if model.spec.ensemble_score == "median":
+            per_window = torch.stack([e[0] for e in errors]).median(dim=0).values
+            return per_window, torch.stack([e[1] for e in errors]).median(dim=0).values
+        return torch.stack([e[0] for e in errors]).mean(dim=0), torch.stack([e[1] for e in errors]).mean(dim=0)
     squared = (model(windows) - windows).pow(2)
     if last_steps is not None:
         squared = squared[:, -last_steps:, :]
@@ -332,7 +335,8 @@ def _from_payload(payload: dict[str, Any]) -> Checkpoint:
     features = tuple(payload["features"])
     if isinstance(payload["window_size"], bool) or not isinstance(payload["window_size"], int):
         raise TypeError(f"window_size {payload['window_size']!r} is not an integer")
-    spec = ModelSpec.model_validate(payload["model"])
+    # Ensembles saved before `ensemble_score` existed combined their members by the median.
+    spec = ModelSpec.model_validate({"ensemble_score": "median", **payload["model"]})
     model = new_autoencoder(len(features), spec)
     model.load_state_dict(payload["state_dict"], strict=True)
     if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()):

@@ -212,7 +212,7 @@ def fit(
         model = AutoencoderEnsemble(x_train.shape[2], stream.model, members)
     # Thresholds compare against live scores, so the held-out errors are scored the same way.
     val_errors = score_windows(model, x_val.numpy(), last_steps=stream.model.score_last_steps)[0]
-    # An ensemble's: the mean of its median whole-window errors, as a single model's is the mean
+    # An ensemble's: the mean of its combined whole-window errors, as a single model's is the mean
     # of its own (the errors above already are those unless only the last steps are scored).
     if len(runs) == 1:
         validation_loss = runs[0][1]

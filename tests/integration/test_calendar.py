@@ -1,5 +1,5 @@
 """`detector run` with an ensemble of three models that take the time of day and of week as
-inputs: the daemon adds the four calendar inputs to what it decodes, scores with the median of
+inputs: the daemon adds the four calendar inputs to what it decodes, scores with the mean of
 the three models, and scores exactly as `detector replay` does."""
 
 from __future__ import annotations

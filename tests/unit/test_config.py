@@ -698,6 +698,7 @@ def test_layout_hash_is_stable() -> None:
         {"time_of_week__use": "auto"},
         {"time_of_week__use": "always"},
         {"model__ensemble": 3},
+        {"model__ensemble": 3, "model__ensemble_score": "median"},
     ],
 )
 def test_layout_hash_changes_with_what_the_model_depends_on(change: dict[str, Any]) -> None:
@@ -809,7 +810,7 @@ def test_model_options_added_later_change_the_layout_only_when_set() -> None:
     # Unset, the hash must equal the one checkpoints trained before the options existed carry.
     stream = parse_config(yaml.safe_dump(base()))[0].streams["web"]
     model = stream.model.model_dump()
-    del model["score_last_steps"], model["ensemble"]
+    del model["score_last_steps"], model["ensemble"], model["ensemble_score"]
     parts = {
         "features": stream.mapping.feature_names,
         "window": stream.window.model_dump(exclude={"idle_evict_after_s"}),  # added later, like score_last_steps
@@ -822,6 +823,26 @@ def test_model_options_added_later_change_the_layout_only_when_set() -> None:
     for change in ({"score_last_steps": 1}, {"ensemble": 3}):
         data["streams"]["web"]["model"] = change
         assert parse_config(yaml.safe_dump(data))[0].streams["web"].layout_hash() != before
+    # One model has nothing to combine: the ensemble score does not touch its layout.
+    data["streams"]["web"]["model"] = {"ensemble_score": "median"}
+    assert parse_config(yaml.safe_dump(data))[0].streams["web"].layout_hash() == before
+
+
+def test_an_ensemble_combined_by_the_median_keeps_the_hash_of_ensembles_from_before_the_option() -> None:
+    # Ensembles were median-combined before `ensemble_score` existed: their checkpoints stay
+    # valid for a median config, and a mean config (the default) must retrain them.
+    median = stream_with(model__ensemble=3, model__ensemble_score="median")
+    model = median.model.model_dump()
+    del model["score_last_steps"], model["ensemble_score"]
+    parts = {
+        "features": median.mapping.feature_names,
+        "window": median.window.model_dump(exclude={"idle_evict_after_s"}),
+        "normalization": median.normalization.model_dump(exclude={"relative_min_scale"}),
+        "model": model,
+    }
+    before = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    assert median.layout_hash() == before
+    assert stream_with(model__ensemble=3).layout_hash() != before
 
 
 @pytest.mark.parametrize(
@@ -841,8 +862,14 @@ def test_time_of_day_errors_name_the_yaml_path(section: dict[str, Any], problem:
 
 def test_ensemble_errors_name_the_yaml_path() -> None:
     data = base()
+    data["streams"]["web"]["model"] = {"ensemble": 2, "ensemble_score": "median"}
+    assert only_problem(data).startswith(
+        "streams.web.model: Value error, ensemble must be odd with ensemble_score median (got 2)"
+    )
     data["streams"]["web"]["model"] = {"ensemble": 2}
-    assert only_problem(data).startswith("streams.web.model.ensemble: Value error, must be odd (got 2)")
+    assert parse_config(yaml.safe_dump(data))[0].streams["web"].model.ensemble == 2  # a mean of two is fine
+    data["streams"]["web"]["model"] = {"ensemble": 3, "ensemble_score": "max"}
+    assert only_problem(data).startswith("streams.web.model.ensemble_score: Input should be 'mean' or 'median'")
     data["streams"]["web"]["model"] = {"ensemble": 3}
     data["streams"]["web"]["retraining"] = {"enabled": True}
     assert "retraining.enabled fine-tunes one model; model.ensemble is 3" in only_problem(data)

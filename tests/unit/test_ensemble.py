@@ -1,10 +1,10 @@
-"""`model.ensemble`: several autoencoders trained from consecutive seeds, scored by the median
-of their errors, in both engines, through checkpoints and the pipeline."""
+"""`model.ensemble`: several autoencoders trained from consecutive seeds, scored by the mean (or
+the median) of their errors, in both engines, through checkpoints and the pipeline."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detector.config import ModelSpec, Scoring, Stream
-from detector.engine import MedianScorer, OnnxScorer, TorchScorer, make_scorer
+from detector.engine import EnsembleScorer, OnnxScorer, TorchScorer, make_scorer
 from detector.errors import CheckpointError
 from detector.model import (
     AutoencoderEnsemble,
@@ -61,8 +61,8 @@ def trio() -> Checkpoint:
     return fit("s", stream(ensemble=3, seed=5), samples(300, 1), progress=False)
 
 
-def members_of(n_features: int, n: int) -> AutoencoderEnsemble:
-    spec = ModelSpec(hidden_size=8, latent_size=3, ensemble=n)
+def members_of(n_features: int, n: int, combine: Literal["mean", "median"] = "mean") -> AutoencoderEnsemble:
+    spec = ModelSpec(hidden_size=8, latent_size=3, ensemble=n, ensemble_score=combine)
     torch.manual_seed(0)
     return AutoencoderEnsemble(n_features, spec).eval()
 
@@ -77,7 +77,7 @@ def test_an_ensemble_is_the_models_of_consecutive_seeds(trio: Checkpoint) -> Non
     assert len(trio.training["ensemble_epochs"]) == 3
 
 
-def test_the_ensembles_validation_errors_are_its_median_scores(trio: Checkpoint) -> None:
+def test_the_ensembles_validation_errors_are_its_scores(trio: Checkpoint) -> None:
     validation = trio.training["validation_windows"]
     assert len(trio.errors.sorted_errors) == validation
     assert trio.errors.mean == pytest.approx(trio.training["best_validation_loss"], rel=1e-6)
@@ -86,7 +86,7 @@ def test_the_ensembles_validation_errors_are_its_median_scores(trio: Checkpoint)
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 40), st.sampled_from([3, 5]), st.integers(0, 2**16))
 def test_each_score_is_the_median_member_score(n: int, size: int, seed: int) -> None:
-    ensemble = members_of(2, size)
+    ensemble = members_of(2, size, "median")
     x = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, 6, 2)).astype(np.float32))
     with torch.inference_mode():
         per_window, per_feature = reconstruction_error(ensemble, x)
@@ -101,12 +101,31 @@ def test_each_score_is_the_median_member_score(n: int, size: int, seed: int) -> 
     torch.testing.assert_close(per_feature, feature_scores.median(dim=0).values, rtol=0, atol=0)
 
 
-def test_onnx_scores_an_ensemble_like_torch() -> None:
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 40), st.integers(2, 5), st.integers(0, 2**16))
+def test_each_score_is_the_mean_member_score(n: int, size: int, seed: int) -> None:
+    ensemble = members_of(2, size)
+    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, 6, 2)).astype(np.float32))
+    with torch.inference_mode():
+        per_window, per_feature = reconstruction_error(ensemble, x)
+        alone = [reconstruction_error(m, x) for m in autoencoders(ensemble)]
+    window_scores = torch.stack([a[0] for a in alone])  # (members, n)
+    feature_scores = torch.stack([a[1] for a in alone])  # (members, n, 2)
+    # Between the lowest and highest member, and the window's score is its features' mean still.
+    assert bool((window_scores.min(dim=0).values <= per_window * (1 + 1e-6)).all())
+    assert bool((per_window <= window_scores.max(dim=0).values * (1 + 1e-6)).all())
+    torch.testing.assert_close(per_window, window_scores.sum(dim=0) / size)
+    torch.testing.assert_close(per_feature, feature_scores.sum(dim=0) / size)
+    torch.testing.assert_close(per_window, per_feature.mean(dim=1))
+
+
+@pytest.mark.parametrize("combine", ["mean", "median"])
+def test_onnx_scores_an_ensemble_like_torch(combine: Literal["mean", "median"]) -> None:
     pytest.importorskip("onnxruntime")
-    ensemble = members_of(3, 3)
+    ensemble = members_of(3, 3, combine)
     x = np.random.default_rng(1).standard_normal((50, 12, 3)).astype(np.float32)
     scorer = make_scorer(ensemble, 12, Scoring(threads=1))
-    assert isinstance(scorer, MedianScorer) and all(isinstance(m, OnnxScorer) for m in scorer.members)
+    assert isinstance(scorer, EnsembleScorer) and all(isinstance(m, OnnxScorer) for m in scorer.members)
     got_scores, got_features = scorer.score(x)
     want_scores, want_features = TorchScorer(ensemble, 256).score(x)
     np.testing.assert_allclose(got_scores, want_scores, rtol=1e-4, atol=1e-7)
@@ -120,6 +139,21 @@ def test_an_ensemble_checkpoint_round_trips(trio: Checkpoint, tmp_path: Path) ->
     assert isinstance(loaded.model, AutoencoderEnsemble) and loaded.model.spec.ensemble == 3
     x = np.random.default_rng(2).standard_normal((20, 10, 1)).astype(np.float32)
     np.testing.assert_array_equal(score_windows(loaded.model, x)[0], score_windows(trio.model, x)[0])
+
+
+def test_an_ensemble_saved_before_the_ensemble_score_option_loads_median_combined(
+    trio: Checkpoint, tmp_path: Path
+) -> None:
+    save_checkpoint(tmp_path / "trio.pt", trio)
+    payload = torch.load(tmp_path / "trio.pt", weights_only=True)
+    del payload["model"]["ensemble_score"]
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert isinstance(loaded.model, AutoencoderEnsemble) and loaded.model.spec.ensemble_score == "median"
+    x = torch.from_numpy(np.random.default_rng(4).standard_normal((20, 10, 1)).astype(np.float32))
+    with torch.inference_mode():
+        alone = torch.stack([reconstruction_error(m, x)[0] for m in autoencoders(loaded.model)])
+        torch.testing.assert_close(reconstruction_error(loaded.model, x)[0], alone.median(dim=0).values)
 
 
 def test_the_pipeline_scores_an_ensemble_whatever_the_batches(trio: Checkpoint) -> None:
