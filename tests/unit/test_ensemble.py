@@ -83,16 +83,23 @@ def test_the_ensembles_validation_errors_are_its_scores(trio: Checkpoint) -> Non
     assert trio.errors.mean == pytest.approx(trio.training["best_validation_loss"], rel=1e-6)
 
 
-@settings(max_examples=25, deadline=None)
-@given(st.integers(1, 40), st.sampled_from([3, 5]), st.integers(0, 2**16))
-def test_each_score_is_the_median_member_score(n: int, size: int, seed: int) -> None:
-    ensemble = members_of(2, size, "median")
+def combined_and_alone(
+    n: int, size: int, seed: int, combine: Literal["mean", "median"]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An ensemble's per-window (n,) and per-feature (n, 2) scores of n random windows, and its
+    members' own, stacked: (size, n) and (size, n, 2)."""
+    ensemble = members_of(2, size, combine)
     x = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, 6, 2)).astype(np.float32))
     with torch.inference_mode():
         per_window, per_feature = reconstruction_error(ensemble, x)
         alone = [reconstruction_error(m, x) for m in autoencoders(ensemble)]
-    window_scores = torch.stack([a[0] for a in alone])  # (members, n)
-    feature_scores = torch.stack([a[1] for a in alone])  # (members, n, 2)
+    return per_window, per_feature, torch.stack([a[0] for a in alone]), torch.stack([a[1] for a in alone])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 40), st.sampled_from([3, 5]), st.integers(0, 2**16))
+def test_each_score_is_the_median_member_score(n: int, size: int, seed: int) -> None:
+    per_window, per_feature, window_scores, feature_scores = combined_and_alone(n, size, seed, "median")
     # One member's value each time, with as many members below it as above it.
     assert bool((window_scores == per_window).any(dim=0).all())
     below = (window_scores < per_window).sum(dim=0)
@@ -104,13 +111,7 @@ def test_each_score_is_the_median_member_score(n: int, size: int, seed: int) -> 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 40), st.integers(2, 5), st.integers(0, 2**16))
 def test_each_score_is_the_mean_member_score(n: int, size: int, seed: int) -> None:
-    ensemble = members_of(2, size)
-    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, 6, 2)).astype(np.float32))
-    with torch.inference_mode():
-        per_window, per_feature = reconstruction_error(ensemble, x)
-        alone = [reconstruction_error(m, x) for m in autoencoders(ensemble)]
-    window_scores = torch.stack([a[0] for a in alone])  # (members, n)
-    feature_scores = torch.stack([a[1] for a in alone])  # (members, n, 2)
+    per_window, per_feature, window_scores, feature_scores = combined_and_alone(n, size, seed, "mean")
     # Between the lowest and highest member, and the window's score is its features' mean still.
     assert bool((window_scores.min(dim=0).values <= per_window * (1 + 1e-6)).all())
     assert bool((per_window <= window_scores.max(dim=0).values * (1 + 1e-6)).all())
