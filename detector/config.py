@@ -250,7 +250,7 @@ class ModelSpec(_Model):
     ensemble_score: Literal["mean", "median"] = Field(
         "mean",
         description="how an ensemble's members' errors combine into a window's score: `mean`, or `median` (of an "
-        "odd count: one member's score). NAB, three models, five training seeds: mean 71.3, median 70.4 standard "
+        "odd count: one member's score). NAB, three models, training seeds 0-4: mean 71.3, median 70.4 standard "
         "(docs/results.md, round 13)",
     )
     score_last_steps: int | None = Field(
