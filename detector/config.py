@@ -250,8 +250,8 @@ class ModelSpec(_Model):
     ensemble_score: Literal["mean", "median"] = Field(
         "mean",
         description="how an ensemble's members' errors combine into a window's score: `mean`, or `median` (of an "
-        "odd count: one member's score). NAB, three models, training seeds 0-4: mean 71.3, median 70.4 standard "
-        "(docs/results.md, round 13)",
+        "odd count: one member's score). NAB, three models: mean 71.3 / 73.0, median 70.4 / 73.9 standard on "
+        "training seeds 0-4 / 5-9, a tie over ten; five models by their mean 72.3 / 73.6 (docs/results.md, round 13)",
     )
     score_last_steps: int | None = Field(
         None,
