@@ -124,10 +124,11 @@ def reconstruction_error(
     """
     if isinstance(model, AutoencoderEnsemble):
         errors = [reconstruction_error(m, windows, last_steps) for m in model.autoencoders()]
+        members_window = torch.stack([e[0] for e in errors])  # (members, B)
+        members_feature = torch.stack([e[1] for e in errors])  # (members, B, D)
         if model.spec.ensemble_score == "median":
-            per_window = torch.stack([e[0] for e in errors]).median(dim=0).values
-            return per_window, torch.stack([e[1] for e in errors]).median(dim=0).values
-        return torch.stack([e[0] for e in errors]).mean(dim=0), torch.stack([e[1] for e in errors]).mean(dim=0)
+            return members_window.median(dim=0).values, members_feature.median(dim=0).values
+        return members_window.mean(dim=0), members_feature.mean(dim=0)
     squared = (model(windows) - windows).pow(2)
     if last_steps is not None:
         squared = squared[:, -last_steps:, :]
