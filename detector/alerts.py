@@ -158,7 +158,6 @@ class _EntityState:
     critical_history: int = 0  # like `history`, for critical windows only
     normal_streak: int = 0
     incident: tuple[str, ...] = ()  # firing ids of the open incident, oldest first; () when not firing
-    active_severity: int = NONE
     resolved_at_ms: int = -(2**62)  # event time of the last resolve; the cooldown runs from here
     critical_score: float = math.nan  # score and critical threshold of the latest critical window
     critical_threshold: float = math.nan
@@ -171,6 +170,11 @@ class _EntityState:
     @property
     def active_id(self) -> str | None:
         return self.incident[-1] if self.incident else None
+
+    @property
+    def active_severity(self) -> int:
+        """The open incident's severity (it only ever escalates); NONE when not firing."""
+        return self.peak_severity if self.incident else NONE
 
 
 class AlertPolicy:
@@ -333,14 +337,12 @@ class AlertPolicy:
                     if cold is not None and cold[i]:
                         alert = replace(alert, cold_start=True)
                     events.append(alert)
-                    state.incident, state.active_severity = (alert.id,), worst
-                    state.incident_windows, state.fired_at_ms = 0, end
+                    state.incident, state.incident_windows, state.fired_at_ms = (alert.id,), 0, end
                     state.peak, state.peak_severity = score, worst
             elif anomalous and sev > state.active_severity:
                 alert = self._alert(i, entities[i], sev, scores, thresholds, per_feature, start_ms, end_ms)
                 events.append(replace(alert, replaces=state.incident[-1]))
-                state.incident, state.active_severity = (*state.incident, alert.id), sev
-                state.peak_severity = sev
+                state.incident, state.peak_severity = (*state.incident, alert.id), sev
             elif state.normal_streak >= cfg.resolve_windows:
                 last = self._alert(
                     i, entities[i], state.active_severity, scores, thresholds, per_feature, start_ms, end_ms
@@ -349,8 +351,7 @@ class AlertPolicy:
                 events.append(
                     replace(last, id=resolved_id, status="resolved", resolves=state.incident[-1], ends=state.incident)
                 )
-                state.incident, state.active_severity = (), NONE
-                state.resolved_at_ms = end
+                state.incident, state.resolved_at_ms = (), end
             elif regime is not None:
                 state.incident_windows += 1
                 if (regime.after_windows is not None and state.incident_windows >= regime.after_windows) or (
