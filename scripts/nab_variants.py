@@ -10,6 +10,11 @@ settings change.
 
     .venv/bin/python scripts/nab_variants.py --config configs/system-metrics.yaml \\
         --cache build/nab-variants '{}' '{"alerts": {"cooldown_s": 86400}}'
+
+With `--seeds 0-4` each training seed gets its own cache (`CACHE/seed-N/`, built from a copy
+of the config with that seed, as `detector evaluate nab --seeds` does), and each variant's
+line gives the mean over the seeds and each seed's standard score: one seed's luck moves NAB
+by about ±2 points (docs/results.md, round 8).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 
 from detector import evaluate as ev
 from detector.alerts import AlertPolicy, DailyRepeats
+from detector.cli import parse_seeds
 from detector.config import Stream, load_config
 from detector.model import ErrorStats, load_checkpoint
 from detector.threshold import SeverityRules
@@ -89,38 +95,64 @@ def alert_values(stream: Stream, cached: Any, n_rows: int) -> np.ndarray:
     return np.where(firing, ev.confidence(full_score, full_threshold), 0.0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=Path("configs/system-metrics.yaml"))
-    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--cache", type=Path, default=Path("build/nab-variants"))
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("variants", nargs="*", default=["{}"], help="JSON overrides of the stream config")
-    args = parser.parse_args()
-
-    corpus = ev.load_nab_series(args.data_dir)
-    args.cache.mkdir(parents=True, exist_ok=True)
-    path_of = {s.name: args.cache / s.name.replace("/", "__").replace(".csv", "") for s, _ in corpus}
+def variant_scores(
+    config: Path, cache: Path, corpus: list[tuple[ev.LabeledSeries, Path]], variants: list[str], jobs: int
+) -> list[list[float]]:
+    """Each variant's normalized NAB scores, one per profile, from the scores cached under
+    `cache` (replayed with `config` first where missing)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    path_of = {s.name: cache / s.name.replace("/", "__").replace(".csv", "") for s, _ in corpus}
     todo = [
-        (args.config, p, s.probation, path_of[s.name])
-        for s, p in corpus
-        if not path_of[s.name].with_suffix(".npz").exists()
+        (config, p, s.probation, path_of[s.name]) for s, p in corpus if not path_of[s.name].with_suffix(".npz").exists()
     ]
     if todo:
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
             list(pool.map(cache_one, todo))
-    _, base = load_config(args.config).stream(None)
-    print(f"{'variant':<70} {'standard':>8} {'low_FP':>7} {'low_FN':>7}")
-    for text in args.variants:
+    _, base = load_config(config).stream(None)
+    series = [s for s, _ in corpus]
+    out = []
+    for text in variants:
         stream = Stream.model_validate(merged(base.model_dump(), json.loads(text)))
-        series = [s for s, _ in corpus]
         values = [alert_values(stream, np.load(path_of[s.name].with_suffix(".npz")), s.n_rows) for s in series]
         cells = []
         for profile in ev.NAB_PROFILES:
             rows = ev.sweep_rows(series, values, profile)
             best = ev.best_threshold(ev.threshold_sweep(rows, profile))
             cells.append(ev.normalized(best.score, rows.n_windows, profile))
-        print(f"{text:<70} {cells[0]:>8.1f} {cells[1]:>7.1f} {cells[2]:>7.1f}", flush=True)
+        out.append(cells)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path("configs/system-metrics.yaml"))
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--cache", type=Path, default=Path("build/nab-variants"))
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--seeds", type=parse_seeds, help="one cache per training seed (`0-4` or `0,3,7`); print means")
+    parser.add_argument("variants", nargs="*", default=["{}"], help="JSON overrides of the stream config")
+    args = parser.parse_args()
+
+    corpus = ev.load_nab_series(args.data_dir)
+    if args.seeds is None:
+        print(f"{'variant':<70} {'standard':>8} {'low_FP':>7} {'low_FN':>7}")
+        for text, cells in zip(
+            args.variants, variant_scores(args.config, args.cache, corpus, args.variants, args.jobs), strict=True
+        ):
+            print(f"{text:<70} {cells[0]:>8.1f} {cells[1]:>7.1f} {cells[2]:>7.1f}", flush=True)
+        return
+    per_seed = ev.over_seeds(
+        args.config,
+        args.cache,
+        args.seeds,
+        lambda config, folder: variant_scores(config, folder, corpus, args.variants, args.jobs),
+    )
+    print(f"{'variant':<70} {'standard':>8} {'low_FP':>7} {'low_FN':>7}  standard by seed {args.seeds}")
+    for i, text in enumerate(args.variants):
+        runs = np.array([scores[i] for scores in per_seed])
+        mean = runs.mean(axis=0)
+        by_seed = " ".join(f"{run[0]:.1f}" for run in runs)
+        print(f"{text:<70} {mean[0]:>8.2f} {mean[1]:>7.2f} {mean[2]:>7.2f}  {by_seed}", flush=True)
 
 
 if __name__ == "__main__":
