@@ -364,6 +364,10 @@ class DynamicRule(_Model):
     statistics, so a short anomaly does not teach the rule that it is normal; with
     `regime_after`, a run of that many does (a regime change: the statistics restart from
     the run's scores).
+
+    The defaults are the settings that scored best on NAB (docs/results.md, rounds 2 and 12:
+    a long memory, a regime change after about 6 hours at 5-minute sampling, a floor at 1.5
+    times the centre); configs/system-metrics.yaml spells them out.
     """
 
     rule: Literal["dynamic"] = Field(description="selects this rule")
@@ -373,7 +377,12 @@ class DynamicRule(_Model):
         "`median` (uses `window`): median + `k`·1.4826·MAD of the last `window` normal scores",
     )
     k: float = Field(4.0, gt=0, description="spreads (std or scaled MAD) above the centre")
-    alpha: float = Field(0.01, gt=0, le=1, description="EWMA weight of each new score (`ewma`)")
+    alpha: float = Field(
+        0.0005,
+        gt=0,
+        le=1,
+        description="EWMA weight of each new score (`ewma`); the first 1/`alpha` scores are averaged plainly",
+    )
     window: int = Field(500, ge=2, le=100_000, description="normal scores kept (`rolling`, `median`)")
     warmup: int = Field(
         100,
@@ -381,7 +390,7 @@ class DynamicRule(_Model):
         description="an entity's scores before its own statistics apply; until then, the population threshold",
     )
     regime_after: int | None = Field(
-        None,
+        70,
         ge=1,
         le=100_000,
         description="after this many anomalous windows in a row, a regime change: the entity's statistics restart "
@@ -395,7 +404,7 @@ class DynamicRule(_Model):
         "errors below a larger threshold do not inflate it; `null`: off",
     )
     min_ratio: float | None = Field(
-        None,
+        1.5,
         gt=1,
         description="the threshold is at least this many times the centre (mean, or median) of the scores it is "
         "computed from, so an entity whose scores barely vary does not alert on a small rise; `null`: off",

@@ -148,6 +148,14 @@ def test_defaults_fill_a_minimal_stream() -> None:
     assert config.scoring.threads is None
 
 
+def test_dynamic_rule_defaults_are_the_system_metrics_warning_rule() -> None:
+    # "Defaults are what wins": a bare `{rule: dynamic}` is the warning rule NAB chose.
+    shipped = load_config(Path(__file__).resolve().parents[2] / "configs" / "system-metrics.yaml")
+    warning = shipped.streams["metrics"].thresholds.warning
+    assert isinstance(warning, DynamicRule)
+    assert DynamicRule(rule="dynamic") == warning
+
+
 @pytest.mark.parametrize(
     ("getter", "attr", "value"),
     [

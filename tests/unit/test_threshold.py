@@ -28,7 +28,9 @@ POPULATION = ErrorStats(np.array([0.5, 1.0, 1.5], np.float32), mean=1.0, std=0.5
 
 
 def dynamic(**kwargs: object) -> DynamicThreshold:
-    return DynamicThreshold(DynamicRule.model_validate({"rule": "dynamic", **kwargs}), POPULATION)
+    """The rule's bare statistics, without the defaults' regime change and floor, unless asked for."""
+    rule = {"rule": "dynamic", "regime_after": None, "min_ratio": None, **kwargs}
+    return DynamicThreshold(DynamicRule.model_validate(rule), POPULATION)
 
 
 def one_slot(scores: list[float]) -> tuple[np.ndarray, np.ndarray]:
