@@ -15,6 +15,10 @@ With `--seeds 0-4` each training seed gets its own cache (`CACHE/seed-N/`, built
 of the config with that seed, as `detector evaluate nab --seeds` does), and each variant's
 line gives the mean over the seeds and each seed's standard score: one seed's luck moves NAB
 by about ±2 points (docs/results.md, round 8).
+
+With `--per-series`, each variant after the first also lists the series where it differs from
+the first (standard profile, at each variant's own corpus threshold; means over the seeds):
+windows found, false alerts and raw score, which is where a change's points come from.
 """
 
 from __future__ import annotations
@@ -95,11 +99,27 @@ def alert_values(stream: Stream, cached: Any, n_rows: int) -> np.ndarray:
     return np.where(firing, ev.confidence(full_score, full_threshold), 0.0)
 
 
+# Per series, at the standard profile's corpus threshold: windows found, false alerts, raw score.
+SeriesRow = tuple[float, float, float]
+
+
+def series_rows(
+    series: list[ev.LabeledSeries], values: list[np.ndarray], profile: ev.CostProfile
+) -> dict[str, SeriesRow]:
+    """Each series' windows found, false alerts and raw score at the corpus's best threshold."""
+    best = ev.best_threshold(ev.threshold_sweep(ev.sweep_rows(series, values, profile), profile))
+    out = {}
+    for s, v in zip(series, values, strict=True):
+        scored = ev.score_series(s, v, best.threshold, profile)
+        out[s.name] = (float(scored.detected), float(scored.false_positives), scored.score)
+    return out
+
+
 def variant_scores(
     config: Path, cache: Path, corpus: list[tuple[ev.LabeledSeries, Path]], variants: list[str], jobs: int
-) -> list[list[float]]:
-    """Each variant's normalized NAB scores, one per profile, from the scores cached under
-    `cache` (replayed with `config` first where missing)."""
+) -> list[tuple[list[float], dict[str, SeriesRow]]]:
+    """Each variant's normalized NAB scores, one per profile, and its per-series rows (standard
+    profile), from the scores cached under `cache` (replayed with `config` first where missing)."""
     cache.mkdir(parents=True, exist_ok=True)
     path_of = {s.name: cache / s.name.replace("/", "__").replace(".csv", "") for s, _ in corpus}
     todo = [
@@ -119,8 +139,22 @@ def variant_scores(
             rows = ev.sweep_rows(series, values, profile)
             best = ev.best_threshold(ev.threshold_sweep(rows, profile))
             cells.append(ev.normalized(best.score, rows.n_windows, profile))
-        out.append(cells)
+        out.append((cells, series_rows(series, values, ev.NAB_PROFILES[0])))
     return out
+
+
+def print_series_differences(variants: list[str], per_series: list[dict[str, SeriesRow]]) -> None:
+    """For each variant after the first: the series where it differs from the first."""
+    first = per_series[0]
+    for text, rows in zip(variants[1:], per_series[1:], strict=True):
+        print(f"\n{text}: series that differ from {variants[0]} (found, false alerts, raw: first -> this)")
+        for name in sorted(rows):
+            a, b = first[name], rows[name]
+            if max(abs(x - y) for x, y in zip(a, b, strict=True)) > 1e-9:
+                print(
+                    f"  {name:<58} {a[0]:4.1f} -> {b[0]:4.1f}  {a[1]:5.1f} -> {b[1]:5.1f}"
+                    f"  {a[2]:+6.2f} -> {b[2]:+6.2f} ({b[2] - a[2]:+.2f})"
+                )
 
 
 def main() -> None:
@@ -130,16 +164,20 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("build/nab-variants"))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seeds", type=parse_seeds, help="one cache per training seed (`0-4` or `0,3,7`); print means")
+    parser.add_argument(
+        "--per-series", action="store_true", help="list the series where each variant differs from the first"
+    )
     parser.add_argument("variants", nargs="*", default=["{}"], help="JSON overrides of the stream config")
     args = parser.parse_args()
 
     corpus = ev.load_nab_series(args.data_dir)
     if args.seeds is None:
+        results = variant_scores(args.config, args.cache, corpus, args.variants, args.jobs)
         print(f"{'variant':<70} {'standard':>8} {'low_FP':>7} {'low_FN':>7}")
-        for text, cells in zip(
-            args.variants, variant_scores(args.config, args.cache, corpus, args.variants, args.jobs), strict=True
-        ):
+        for text, (cells, _) in zip(args.variants, results, strict=True):
             print(f"{text:<70} {cells[0]:>8.1f} {cells[1]:>7.1f} {cells[2]:>7.1f}", flush=True)
+        if args.per_series:
+            print_series_differences(args.variants, [rows for _, rows in results])
         return
     per_seed = ev.over_seeds(
         args.config,
@@ -149,10 +187,19 @@ def main() -> None:
     )
     print(f"{'variant':<70} {'standard':>8} {'low_FP':>7} {'low_FN':>7}  standard by seed {args.seeds}")
     for i, text in enumerate(args.variants):
-        runs = np.array([scores[i] for scores in per_seed])
+        runs = np.array([results[i][0] for results in per_seed])
         mean = runs.mean(axis=0)
         by_seed = " ".join(f"{run[0]:.1f}" for run in runs)
         print(f"{text:<70} {mean[0]:>8.2f} {mean[1]:>7.2f} {mean[2]:>7.2f}  {by_seed}", flush=True)
+    if args.per_series:
+        mean_rows = [
+            {
+                name: tuple(float(np.mean([results[i][1][name][j] for results in per_seed])) for j in range(3))
+                for name in per_seed[0][i][1]
+            }
+            for i in range(len(args.variants))
+        ]
+        print_series_differences(args.variants, mean_rows)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
