@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", help="stream name (needed when the config has several)")
     p.add_argument("--entities", help="comma-separated entities to show (default: all, most alerts first)")
     p.add_argument("--max-entities", type=int, default=12, help="show at most this many entities")
+    p.add_argument(
+        "--windows",
+        type=Path,
+        help="labeled anomaly windows to draw (JSON: a list of [start, end] timestamps, or an object of such "
+        "lists with --windows-key, e.g. NAB's labels/combined_windows.json)",
+    )
+    p.add_argument("--windows-key", help="the key of --windows' object to draw (NAB: category/file.csv)")
 
     p = sub.add_parser("evaluate", help="score detection quality on a labeled public benchmark")
     bench = p.add_subparsers(dest="benchmark", required=True)
@@ -162,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         help="run once per training seed (`0-4` or `0,3,7`), each under OUT/seed-N/, and print the mean and "
         "standard deviation: one seed moves the score by about 2 points",
+    )
+    b.add_argument(
+        "--plots",
+        action="store_true",
+        help="also draw each series (values, score, threshold, alerts, labeled windows) to OUT/plots/*.png",
     )
     b = bench.add_parser("smd", help="Server Machine Dataset: train per machine, point/event/point-adjusted F1")
     b.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="holds smd/train, test, labels")
@@ -359,8 +371,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         from detector.evaluate import evaluate_nab, nab_seed_row, print_nab_report, write_nab_report
 
+        if args.plots:
+            from detector.report import require_matplotlib
+
+            require_matplotlib()  # before the run, not after it
+
         def run(config: Path, out: Path) -> Any:
-            return evaluate_nab(args.data_dir, config, out, args.series, max(1, args.jobs))
+            report = evaluate_nab(args.data_dir, config, out, args.series, max(1, args.jobs))
+            if args.plots:
+                from detector.evaluate import write_nab_plots
+
+                plots = write_nab_plots(args.data_dir, config, out, report)
+                print(f"drew {len(plots)} series under {out / 'plots'}", file=sys.stderr)
+            return report
 
         show, write, row, title, digits = print_nab_report, write_nab_report, nab_seed_row, "NAB (alert events)", 1
 
@@ -489,7 +512,7 @@ def tell_daemon(server: Server, url: str | None) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from detector.report import require_matplotlib, write_report
+    from detector.report import read_windows, require_matplotlib, write_report
 
     require_matplotlib()  # before decoding a large input for nothing
     samples = None
@@ -502,8 +525,12 @@ def run_report(args: argparse.Namespace) -> int:
     elif args.input is not None:
         print("detector: --input needs --config (its stream mapping decodes the file)", file=sys.stderr)
         return EXIT_USAGE
+    if args.windows_key is not None and args.windows is None:
+        print("detector: --windows-key needs --windows", file=sys.stderr)
+        return EXIT_USAGE
+    labeled = read_windows(args.windows, args.windows_key) if args.windows is not None else []
     entities = [e.strip() for e in args.entities.split(",") if e.strip()] if args.entities else None
-    summary = write_report(args.scores, args.out, args.alerts, samples, entities, args.max_entities)
+    summary = write_report(args.scores, args.out, args.alerts, samples, entities, args.max_entities, labeled)
     left = f", {len(summary.left_out)} left out" if summary.left_out else ""
     print(
         f"wrote {args.out}: {len(summary.shown)} entities{left}; "

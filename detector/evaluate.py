@@ -533,6 +533,28 @@ def evaluate_nab(
     )
 
 
+def write_nab_plots(data_dir: Path, config_path: Path, out: Path, report: NabReport) -> list[Path]:
+    """Draw every series of `report` (its values, score, threshold, alerts and labeled windows)
+    to `out/plots/<category>/<file>.png`, from the scores the run wrote under `out/scores/`."""
+    from detector.replay import read_samples
+    from detector.report import read_windows, write_report
+
+    name, stream = load_config(config_path).stream(None)
+    labels = data_dir / "nab" / "labels" / "combined_windows.json"
+    written = []
+    for s in report.series:
+        batch, _ = read_samples(name, stream, data_dir / "nab" / "data" / s.name)
+        png = out / "plots" / s.name.replace(".csv", ".png")
+        write_report(
+            out / "scores" / s.name.replace(".csv", ".scores.csv"),
+            png,
+            samples=(batch, [f.name for f in stream.mapping.features]),
+            labeled=read_windows(labels, s.name),
+        )
+        written.append(png)
+    return written
+
+
 def seed_config(config_path: Path, seed: int, out: Path) -> Path:
     """A copy of the config at `out`, with every stream's `training.seed` set to `seed`.
 

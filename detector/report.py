@@ -42,6 +42,7 @@ SCORE_HEIGHT_IN = 2.2
 MAX_FEATURES = 8  # more strips than this stop being readable; the ones named in alerts go first
 SEVERITY_COLORS = {"critical": "#c0392b", "warning": "#e67e22"}
 FIRING_COLOR = "#8e44ad"  # severity unknown (markers derived from scores.csv alone)
+LABELED_COLOR = "#00838f"  # teal: apart from the series (blue), resolves (green) and training (grey)
 
 
 @dataclass
@@ -210,6 +211,38 @@ def read_alerts(path: Path) -> list[AlertEvent]:
     return events
 
 
+def read_windows(path: Path, key: str | None = None) -> list[tuple[int, int]]:
+    """Labeled anomaly windows, as (start, end) milliseconds, from a JSON file: a list of
+    [start, end] timestamps, or with `key` the list under that key of an object (NAB's
+    `labels/combined_windows.json`, keyed by `category/file.csv`). InputError names what is wrong."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise InputError(f"cannot read windows file {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not JSON ({exc.msg}, line {exc.lineno})") from None
+    where = str(path)
+    if key is not None:
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: --windows-key needs a JSON object of window lists, got a {type(data).__name__}")
+        if key not in data:
+            raise InputError(f"{path}: no key {key!r} (it has {len(data)}, e.g. {', '.join(sorted(data)[:3])})")
+        data, where = data[key], f"{path} [{key!r}]"
+    if not isinstance(data, list):
+        raise InputError(f"{where}: expected a list of [start, end] pairs, got a {type(data).__name__}")
+    windows = []
+    for i, pair in enumerate(data):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise InputError(f"{where} item {i}: expected [start, end], got {pair!r}")
+        start, end = parse_timestamp(pair[0]), parse_timestamp(pair[1])
+        if start is None or end is None:
+            raise InputError(f"{where} item {i}: cannot parse the timestamps {pair!r}")
+        if end < start:
+            raise InputError(f"{where} item {i}: ends before it starts ({pair[0]} > {pair[1]})")
+        windows.append((start, end))
+    return windows
+
+
 def alerts_from_scores(table: ScoreTable) -> list[AlertEvent]:
     """Firing events derived from scores.csv's alert_id column, for when no alerts file is given."""
     return [
@@ -310,12 +343,18 @@ def _rank_features(names: list[str], alerts: Sequence[AlertEvent]) -> list[int]:
 
 
 def draw_entity(
-    series_ax: Axes | None, score_ax: Axes, trace: EntityTrace, features: FeatureTrace | None, alerts: list[AlertEvent]
+    series_ax: Axes | None,
+    score_ax: Axes,
+    trace: EntityTrace,
+    features: FeatureTrace | None,
+    alerts: list[AlertEvent],
+    labeled: Sequence[tuple[int, int]] = (),
 ) -> None:
     """Draw one entity: features on `series_ax` (when given), score and threshold on `score_ax`.
 
-    Both panels get the training phase (grey) and anomalous windows (red) shaded and a line at
-    each alert (firing: solid, by severity; resolved: dotted green).
+    Both panels get the training phase (grey) and anomalous windows (red) shaded, labeled
+    windows (`labeled`, (start, end) ms: the ground truth of a benchmark) outlined in blue, and
+    a line at each alert (firing: solid, by severity; resolved: dotted green).
     """
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -335,6 +374,10 @@ def draw_entity(
             ax.axvspan(times[a], times[b] + step, color="0.6", alpha=0.2, lw=0)
         for a, b in anomaly_runs:
             ax.axvspan(times[a] - step / 2, times[b] + step / 2, color="#e74c3c", alpha=0.25, lw=0)
+        for start, end in labeled:
+            # Hatched, not filled: the detector's red shading must stay readable underneath.
+            lo, hi = _date_numbers(np.asarray([start, end], np.int64))
+            ax.axvspan(lo, hi, facecolor="none", edgecolor=LABELED_COLOR, hatch="//", lw=1.0, alpha=0.8)
         for alert in alerts:
             t = float(_date_numbers(np.asarray([alert.time_ms]))[0])
             if alert.status == "firing":
@@ -345,6 +388,8 @@ def draw_entity(
         handles.append(Patch(color="0.6", alpha=0.2, label="training"))
     if anomaly_runs:
         handles.append(Patch(color="#e74c3c", alpha=0.25, label="anomalous"))
+    if labeled:
+        handles.append(Patch(facecolor="none", edgecolor=LABELED_COLOR, hatch="//", label="labeled window"))
     for severity in dict.fromkeys(a.severity for a in alerts if a.status == "firing"):
         color = SEVERITY_COLORS.get(severity, FIRING_COLOR)
         handles.append(Line2D([], [], color=color, lw=1.2, label=f"alert {severity}".rstrip()))
@@ -408,7 +453,12 @@ def _entity_height(with_features: bool) -> float:
 
 
 def _draw_into(
-    fig: Figure, slot: Any, trace: EntityTrace, features: FeatureTrace | None, alerts: list[AlertEvent]
+    fig: Figure,
+    slot: Any,
+    trace: EntityTrace,
+    features: FeatureTrace | None,
+    alerts: list[AlertEvent],
+    labeled: Sequence[tuple[int, int]] = (),
 ) -> None:
     if features is not None:
         inner = slot.subgridspec(2, 1, height_ratios=[SERIES_HEIGHT_IN, SCORE_HEIGHT_IN], hspace=0.02)
@@ -419,7 +469,7 @@ def _draw_into(
         series_ax = None
         score_ax = fig.add_subplot(slot)
         score_ax.set_title(_entity_title(trace, alerts), loc="left", fontsize="medium")
-    draw_entity(series_ax, score_ax, trace, features, alerts)
+    draw_entity(series_ax, score_ax, trace, features, alerts, labeled)
 
 
 def render_png(
@@ -430,6 +480,7 @@ def render_png(
     alerts: dict[str, list[AlertEvent]],
     features: dict[str, FeatureTrace] | None,
     title: str,
+    labeled: Sequence[tuple[int, int]] = (),
 ) -> None:
     """One figure, FIGURE_WIDTH_IN * DPI pixels wide, a block of panels per shown entity."""
     height = sum(_entity_height(features is not None) for _ in shown) + 0.5
@@ -438,17 +489,22 @@ def render_png(
     for i, entity in enumerate(shown):
         slot = grid[i]
         trace = table.entities[entity]
-        _draw_into(fig, slot, trace, features[entity] if features else None, alerts.get(entity, []))
+        _draw_into(fig, slot, trace, features[entity] if features else None, alerts.get(entity, []), labeled)
     suffix = f"; {len(left_out)} left out (fewest alerts; see --max-entities)" if left_out else ""
     fig.suptitle(f"{title}: {len(shown)} of {len(shown) + len(left_out)} entities{suffix}")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
 
 
-def entity_png(trace: EntityTrace, features: FeatureTrace | None, alerts: list[AlertEvent]) -> bytes:
+def entity_png(
+    trace: EntityTrace,
+    features: FeatureTrace | None,
+    alerts: list[AlertEvent],
+    labeled: Sequence[tuple[int, int]] = (),
+) -> bytes:
     """One entity's panels as PNG bytes."""
     fig = _pyplot_free_figure(_entity_height(features is not None))
-    _draw_into(fig, fig.add_gridspec(1, 1)[0], trace, features, alerts)
+    _draw_into(fig, fig.add_gridspec(1, 1)[0], trace, features, alerts, labeled)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
@@ -484,6 +540,7 @@ def render_html(
     alerts: dict[str, list[AlertEvent]],
     features: dict[str, FeatureTrace] | None,
     title: str,
+    labeled: Sequence[tuple[int, int]] = (),
 ) -> None:
     """A self-contained page: summary counts, then per entity an inline PNG and its alerts."""
     all_alerts = [a for events in alerts.values() for a in events]
@@ -497,6 +554,7 @@ def render_html(
         ("alerts firing", sum(a.status == "firing" for a in all_alerts)),
         ("alerts resolved", sum(a.status == "resolved" for a in all_alerts)),
         ("entities", f"{len(table.entities)} ({len(shown)} shown)"),
+        *([("labeled windows", len(labeled))] if labeled else []),
     ]
     parts = [
         "<!DOCTYPE html>",
@@ -525,7 +583,7 @@ def render_html(
         )
     for i, entity in enumerate(shown):
         events = alerts.get(entity, [])
-        png = entity_png(table.entities[entity], features[entity] if features else None, events)
+        png = entity_png(table.entities[entity], features[entity] if features else None, events, labeled)
         data = base64.b64encode(png).decode("ascii")
         parts.append(f'<section id="e{i}"><h2>{html.escape(entity)}</h2>')
         parts.append(f'<img alt="{html.escape(entity, quote=True)}" src="data:image/png;base64,{data}">')
@@ -558,8 +616,10 @@ def write_report(
     samples: tuple[SampleBatch, Sequence[str]] | None = None,
     entities: Sequence[str] | None = None,
     max_entities: int = 12,
+    labeled: Sequence[tuple[int, int]] = (),
 ) -> ReportSummary:
-    """Read scores (and alerts, and decoded samples with their feature names) and write `out`.
+    """Read scores (and alerts, and decoded samples with their feature names) and write `out`,
+    with `labeled` windows ((start, end) ms) drawn on every entity shown.
 
     The format follows the suffix of `out`: `.png`, or `.html` / `.htm`.
     """
@@ -577,7 +637,7 @@ def write_report(
     features = feature_traces(table, samples[0], samples[1]) if samples is not None else None
     title = f"detector report: {scores.name}"
     render = render_png if kind == ".png" else render_html
-    render(out, table, shown, left_out, by_entity, features, title)
+    render(out, table, shown, left_out, by_entity, features, title, labeled)
     kept = [a for e in by_entity.values() for a in e]
     return ReportSummary(
         shown=shown,

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from matplotlib.colors import to_rgb
+from matplotlib.image import imread
 
 from detector.cli import main, parse_seeds
 from detector.evaluate import (
@@ -39,6 +41,7 @@ from detector.evaluate import (
     sweep_rows,
     threshold_sweep,
 )
+from detector.report import LABELED_COLOR
 
 # 100 rows: probation is rows 0-14; one window on rows 40-49 (width 10).
 SERIES = LabeledSeries("cat/one.csv", 100, ((40, 49),))
@@ -247,10 +250,17 @@ def test_evaluate_nab_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (tmp_path / "c.yaml").write_text(CONFIG)
     out = tmp_path / "out"
     args = ["evaluate", "nab", "--data-dir", str(tmp_path), "--config", str(tmp_path / "c.yaml"),
-            "--out", str(out), "--jobs", "1"]  # fmt: skip
+            "--out", str(out), "--jobs", "1", "--plots"]  # fmt: skip
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "NAB score, alert events: standard" in printed
+    # One picture per series, with its labeled window drawn (so a person can see why it fired).
+    assert f"drew 2 series under {out / 'plots'}" in captured.err
+    for name in ("artificialWithAnomaly/a.png", "realX/b.png"):
+        image = imread(out / "plots" / name)
+        hatching = (np.abs(image[..., :3] - np.array(to_rgb(LABELED_COLOR))) < 0.12).all(axis=-1)
+        assert hatching.sum() > 50, name  # none of that colour without a labeled window
     doc = json.loads((out / "results.json").read_text())
     assert [s["name"] for s in doc["series"]] == ["artificialWithAnomaly/a.csv", "realX/b.csv"]
     std = doc["results"]["alerts"]["standard"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.dates import date2num
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
@@ -27,6 +28,7 @@ from detector.report import (
     draw_entity,
     feature_traces,
     read_scores,
+    read_windows,
     write_report,
 )
 from detector.source import SampleBatch, format_timestamp
@@ -205,6 +207,71 @@ def test_score_panel_goes_log_when_scores_span_decades(synthetic: tuple[Path, Pa
     assert labels[:2] == ["score", "threshold"]
 
 
+def test_labeled_windows_are_outlined_on_both_panels_and_named_in_the_legend(synthetic: tuple[Path, Path]) -> None:
+    table = read_scores(synthetic[0])
+    trace = table.entities["b"]
+    fig = Figure()
+    series_ax, score_ax = fig.add_subplot(211), fig.add_subplot(212)
+    labeled = [(ms_of(55), ms_of(66)), (ms_of(100), ms_of(110))]
+    draw_entity(series_ax, score_ax, trace, None, [], labeled)
+    hatched = [p for p in score_ax.patches if p.get_hatch() == "//"]
+    assert len(hatched) == 2
+    assert len([p for p in series_ax.patches if p.get_hatch() == "//"]) == 2
+    # Each spans exactly its window, on the date axis the rest of the panel uses.
+    starts = sorted(float(p.get_x()) for p in hatched)
+    assert starts == pytest.approx([date2num(START + timedelta(minutes=m)) for m in (55, 100)], abs=1e-9)
+    widths = sorted(round(float(p.get_width()) * 24 * 60, 6) for p in hatched)
+    assert widths == [10, 11]
+    assert "labeled window" in [t.get_text() for t in score_ax.get_legend().get_texts()]
+
+    plain = Figure().add_subplot(111)
+    draw_entity(None, plain, trace, None, [])
+    assert not any(p.get_hatch() for p in plain.patches)
+    assert "labeled window" not in [t.get_text() for t in plain.get_legend().get_texts()]
+
+
+def test_labeled_windows_reach_the_png_and_the_html(synthetic: tuple[Path, Path], tmp_path: Path) -> None:
+    scores, alerts = synthetic
+    labeled = [(ms_of(55), ms_of(66))]
+    write_report(scores, tmp_path / "plain.png", alerts, entities=["b"])
+    write_report(scores, tmp_path / "labeled.png", alerts, entities=["b"], labeled=labeled)
+    plain, drawn = imread(tmp_path / "plain.png"), imread(tmp_path / "labeled.png")
+    assert plain.shape == drawn.shape
+    assert not np.array_equal(plain, drawn)
+    write_report(scores, tmp_path / "labeled.html", alerts, entities=["b"], labeled=labeled)
+    assert "<td>labeled windows</td><td>1</td>" in (tmp_path / "labeled.html").read_text()
+
+
+def test_windows_file_as_a_list_or_keyed_like_nab(tmp_path: Path) -> None:
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([["2024-01-01 00:55:00", "2024-01-01 01:06:00.000000"]]))
+    assert read_windows(listed) == [(ms_of(55), ms_of(66))]
+    keyed = tmp_path / "combined_windows.json"
+    keyed.write_text(json.dumps({"realX/b.csv": [["2024-01-01 00:55:00.000000", "2024-01-01 01:06:00.000000"]],
+                                 "realX/none.csv": []}))  # fmt: skip
+    assert read_windows(keyed, "realX/b.csv") == [(ms_of(55), ms_of(66))]
+    assert read_windows(keyed, "realX/none.csv") == []
+
+
+@pytest.mark.parametrize(
+    ("content", "key", "message"),
+    [
+        ("[[1, 2", None, "not JSON"),
+        ('{"a.csv": []}', None, "expected a list of \\[start, end\\] pairs, got a dict"),
+        ('[["2024-01-01", "2024-01-02"]]', "a.csv", "--windows-key needs a JSON object"),
+        ('{"a.csv": []}', "b.csv", "no key 'b.csv'"),
+        ('[["2024-01-01"]]', None, "item 0: expected \\[start, end\\]"),
+        ('[["2024-01-01", "soon"]]', None, "item 0: cannot parse the timestamps"),
+        ('[["2024-01-02", "2024-01-01"]]', None, "item 0: ends before it starts"),
+    ],
+)
+def test_bad_windows_file_is_an_input_error(tmp_path: Path, content: str, key: str | None, message: str) -> None:
+    path = tmp_path / "w.json"
+    path.write_text(content)
+    with pytest.raises(InputError, match=message):
+        read_windows(path, key)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -247,6 +314,22 @@ def test_cli_bad_input_exits_2_with_a_message(
     assert main(["report", "--scores", str(scores), "--input", str(scores), "--out", str(tmp_path / "r.png")]) == 2
     assert "--input needs --config" in capsys.readouterr().err
     assert not (tmp_path / "r.png").exists()
+
+
+def test_cli_draws_labeled_windows_and_refuses_a_key_without_a_file(
+    synthetic: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scores, alerts = synthetic
+    windows = tmp_path / "combined_windows.json"
+    windows.write_text(json.dumps({"b.csv": [[format_timestamp(ms_of(55)), format_timestamp(ms_of(66))]]}))
+    common = ["report", "--scores", str(scores), "--alerts", str(alerts), "--out", str(tmp_path / "r.html")]
+    assert main([*common, "--windows", str(windows), "--windows-key", "b.csv"]) == EXIT_OK
+    assert "<td>labeled windows</td><td>1</td>" in (tmp_path / "r.html").read_text()
+    assert main([*common, "--windows", str(windows), "--windows-key", "c.csv"]) == EXIT_USAGE
+    assert "no key 'c.csv'" in capsys.readouterr().err
+    assert main([*common[:-2], "--out", str(tmp_path / "k.png"), "--windows-key", "b.csv"]) == EXIT_USAGE
+    assert "--windows-key needs --windows" in capsys.readouterr().err
+    assert not (tmp_path / "k.png").exists()
 
 
 def test_cli_without_matplotlib_exits_2(
