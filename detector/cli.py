@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=int, default=2, help="machines trained in parallel (one torch thread each)")
     b.add_argument("--seeds", help="run once per training seed (`0-4` or `0,3,7`), each under OUT/seed-N/, and print "
                    "the mean and standard deviation")  # fmt: skip
+    b.add_argument(
+        "--plots",
+        action="store_true",
+        help="also draw each machine (top dims, score, threshold, alerts, labeled segments) to OUT/plots/*.png",
+    )
     b = bench.add_parser("fraud", help="card transactions (Fraud Detection Handbook): AUC-ROC, AP, card precision@100")
     b.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="holds fraud/ (see its README)")
     b.add_argument("--config", type=Path, default=Path("configs/transactions.yaml"))
@@ -343,9 +348,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
         from detector.evaluate_smd import evaluate_smd, print_smd_report, smd_seed_row, write_smd_report
 
         machines = [m.strip() for m in args.machines.split(",") if m.strip()]
+        if args.plots:
+            from detector.report import require_matplotlib
+
+            require_matplotlib()  # before the run, not after it
 
         def run(config: Path, out: Path) -> Any:
-            return evaluate_smd(args.data_dir, config, out, machines, max(1, args.jobs))
+            return evaluate_smd(args.data_dir, config, out, machines, max(1, args.jobs), plots=args.plots)
 
         title = f"SMD ({machines[0]})" if len(machines) == 1 else f"SMD ({len(machines)} machines pooled)"
         show, write, row, digits = print_smd_report, write_smd_report, smd_seed_row, 3

@@ -536,10 +536,16 @@ def _smd_job(args: tuple[Path, Path, str]) -> MachineRun:
 
 
 def evaluate_smd(
-    data_dir: Path, config_path: Path, out: Path, machines: Sequence[str] = SMD_MACHINES, jobs: int = 2
+    data_dir: Path,
+    config_path: Path,
+    out: Path,
+    machines: Sequence[str] = SMD_MACHINES,
+    jobs: int = 2,
+    plots: bool = False,
 ) -> SmdReport:
     """Train and score every machine (in `jobs` processes), score the outputs against the
-    labels, and write each machine's per-row scores to `out/scores/<machine>.csv`."""
+    labels, and write each machine's per-row scores to `out/scores/<machine>.csv` (and with
+    `plots`, its picture to `out/plots/<machine>.png`)."""
     if not machines:
         raise InputError("no SMD machines given")
     smd_stream(config_path)  # a bad config fails here, once, not in every worker
@@ -550,6 +556,8 @@ def evaluate_smd(
     results = [score_machine(m, r) for m, r in zip(loaded, runs, strict=True)]
     for m, r in zip(loaded, runs, strict=True):
         write_machine_scores(out / "scores" / f"{m.name}.csv", m, r)
+        if plots:
+            write_machine_plot(out / "plots" / f"{m.name}.png", m, r)
     return SmdReport(
         str(config_path),
         results,
@@ -559,6 +567,34 @@ def evaluate_smd(
         {r.name: r.train_seconds for r in runs},
         {r.name: r.epochs for r in runs},
         jobs,
+    )
+
+
+def write_machine_plot(path: Path, machine: SmdMachine, run: MachineRun) -> None:
+    """The machine's test rows as `detector report` draws a replay: the dims named most in its
+    alerts, score, threshold, alerts (with their top dims) and the labeled segments."""
+    from detector.report import AlertEvent, EntityTrace, FeatureTrace, ScoreTable, render_png
+
+    rows = np.arange(len(machine.test))
+    times = (len(machine.train) + rows) * 60_000  # the evaluation's clock: a minute a row, test after train
+    trace = EntityTrace(
+        machine.name, rows, times, run.score, run.threshold, run.anomalous, np.zeros(len(rows), bool), {}
+    )
+    names = [f"dim{d + 1}" for d in range(machine.test.shape[1])]
+    alerts = [
+        AlertEvent(f"{machine.name}-{k}", "firing", machine.name, "", int(times[row]),
+                   top_features=tuple(names[d] for d in top))
+        for k, (row, top) in enumerate(zip(run.alert_rows.tolist(), run.alert_top, strict=True))
+    ]  # fmt: skip
+    render_png(
+        path,
+        ScoreTable({machine.name: trace}, len(rows)),
+        [machine.name],
+        [],
+        {machine.name: alerts},
+        {machine.name: FeatureTrace(names, machine.test.astype(np.float64))},
+        f"SMD {machine.name}, test rows",
+        [(int(times[a]), int(times[b])) for a, b in segments(machine.labels)],
     )
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from matplotlib.colors import to_rgb
+from matplotlib.image import imread
 
 from detector.cli import main
 from detector.evaluate_smd import (
@@ -24,6 +26,7 @@ from detector.evaluate_smd import (
     segments,
     top_feature_hits,
 )
+from detector.report import LABELED_COLOR
 
 # Two segments: rows 1-2 and 5-7. Flagged runs: 0-1, 7, 9.
 LABELS = np.array([0, 1, 1, 0, 0, 1, 1, 1, 0, 0], bool)
@@ -166,8 +169,11 @@ def test_evaluate_smd_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     config.write_text(CONFIG.replace("    window:", f"    time_of_day: {{use: {time_of_day}}}\n    window:"))
     out = tmp_path / "out"
     args = ["evaluate", "smd", "--data-dir", str(tmp_path / "data"), "--config", str(config)]
-    code = main([*args, "--machines", "machine-x", "--out", str(out), "--jobs", "1"])
+    code = main([*args, "--machines", "machine-x", "--out", str(out), "--jobs", "1", "--plots"])
     assert code == 0
+    # The picture has the labeled segment hatched (no pixel of that colour otherwise).
+    image = imread(out / "plots" / "machine-x.png")
+    assert ((np.abs(image[..., :3] - np.array(to_rgb(LABELED_COLOR))) < 0.12).all(axis=-1)).sum() > 50
     printed = capsys.readouterr().out
     assert "machine-x" in printed and "ORACLE" in printed
     doc = json.loads((out / "results.json").read_text())
