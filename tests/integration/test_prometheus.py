@@ -39,6 +39,9 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "rules" / "detector.rules.yml"
 # Where `make deploy-tools` unpacks Debian's prometheus and prometheus-alertmanager packages.
 LOCAL_TOOLS = ROOT / ".venv" / "tools" / "root" / "usr" / "bin"
+# Debian's Alertmanager reads its built-in notification templates from this file at start (no
+# flag moves it) and exits 1 without it; the unpacked copy has it under .venv/tools instead.
+DEBIAN_TEMPLATE = Path("/usr/share/prometheus/alertmanager/default.tmpl")
 ENTITY = "host-1"  # the one entity with an anomaly
 JOB = "detector"
 # Long enough that the firing alert's endsAt (now + 4 re-send intervals) lies far beyond the
@@ -139,7 +142,13 @@ def start_prometheus(executable: str, workdir: Path, target: str, alertmanager: 
 @pytest.fixture
 def executables() -> tuple[str, str]:
     """Paths of prometheus and alertmanager (first among the fixtures, so a skip costs nothing)."""
-    return binary("prometheus"), binary("alertmanager", "prometheus-alertmanager")
+    prometheus, alertmanager = binary("prometheus"), binary("alertmanager", "prometheus-alertmanager")
+    if Path(alertmanager).is_relative_to(LOCAL_TOOLS) and not DEBIAN_TEMPLATE.exists():
+        pytest.skip(
+            f"the Alertmanager `make deploy-tools` unpacked (Debian's) needs {DEBIAN_TEMPLATE}, which only a "
+            "system-wide install provides (`apt-get install prometheus-alertmanager`)"
+        )
+    return prometheus, alertmanager
 
 
 @pytest.fixture
