@@ -5,6 +5,9 @@ writes (scores.csv, and alerts JSON lines when given); the raw feature values ar
 scores.csv, so they are read again from the data file when the caller passes them in
 (`feature_traces`), aligned by row number (= `Sample.position`).
 
+Labeled windows (a benchmark's ground truth, `read_windows`) can be drawn over every entity, so
+a person can see why an alert fired, or why none did.
+
 Output is a PNG (one figure, two panels per entity) or a self-contained HTML page (one inline
 PNG per entity, an alert table per entity and summary counts; no scripts, nothing fetched).
 matplotlib is an optional dependency (`pip install 'detector[report]'`); it is imported only
@@ -353,7 +356,7 @@ def draw_entity(
     """Draw one entity: features on `series_ax` (when given), score and threshold on `score_ax`.
 
     Both panels get the training phase (grey) and anomalous windows (red) shaded, labeled
-    windows (`labeled`, (start, end) ms: the ground truth of a benchmark) outlined in blue, and
+    windows (`labeled`, (start, end) ms: the ground truth of a benchmark) hatched teal, and
     a line at each alert (firing: solid, by severity; resolved: dotted green).
     """
     from matplotlib.lines import Line2D
