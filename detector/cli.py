@@ -344,14 +344,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     show: Callable[[Any], None]
     write: Callable[[Any, Path], Path | tuple[Path, ...]]
     row: Callable[[Any], dict[str, float]]
+    if getattr(args, "plots", False):  # nab and smd draw after the run: a missing matplotlib fails before it
+        from detector.report import require_matplotlib
+
+        require_matplotlib()
     if args.benchmark == "smd":
         from detector.evaluate_smd import evaluate_smd, print_smd_report, smd_seed_row, write_smd_report
 
         machines = [m.strip() for m in args.machines.split(",") if m.strip()]
-        if args.plots:
-            from detector.report import require_matplotlib
-
-            require_matplotlib()  # before the run, not after it
 
         def run(config: Path, out: Path) -> Any:
             return evaluate_smd(args.data_dir, config, out, machines, max(1, args.jobs), plots=args.plots)
@@ -379,11 +379,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         show, write, row, title, digits = print_fraud_report, write_fraud_report, fraud_seed_row, "Fraud (combined)", 3
     else:
         from detector.evaluate import evaluate_nab, nab_seed_row, print_nab_report, write_nab_report
-
-        if args.plots:
-            from detector.report import require_matplotlib
-
-            require_matplotlib()  # before the run, not after it
 
         def run(config: Path, out: Path) -> Any:
             report = evaluate_nab(args.data_dir, config, out, args.series, max(1, args.jobs))

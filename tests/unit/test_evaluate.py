@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +270,18 @@ def test_evaluate_nab_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert std["normalized"] > 50
     assert (out / "results.csv").read_text().count("\n") == 2 * 3 * 3 + 1
     assert (out / "scores" / "realX" / "b.scores.csv").exists()
+
+
+@pytest.mark.parametrize("benchmark", ["nab", "smd"])
+def test_plots_without_matplotlib_exit_2_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, benchmark: str
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    out = tmp_path / "out"
+    args = ["evaluate", benchmark, "--data-dir", str(tmp_path / "none"), "--out", str(out), "--plots"]
+    assert main(args) == 2
+    assert "pip install 'detector[report]'" in capsys.readouterr().err
+    assert not out.exists()  # refused before any series was replayed
 
 
 @pytest.mark.slow
