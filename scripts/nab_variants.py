@@ -195,14 +195,14 @@ def main() -> None:
         by_seed = " ".join(f"{run[0]:.1f}" for run in runs)
         print(f"{text:<70} {mean[0]:>8.2f} {mean[1]:>7.2f} {mean[2]:>7.2f}  {by_seed}", flush=True)
     if args.per_series:
-        mean_rows = [
-            {
-                name: tuple(float(np.mean([results[i][1][name][j] for results in per_seed])) for j in range(3))
-                for name in per_seed[0][i][1]
-            }
-            for i in range(len(args.variants))
-        ]
-        print_series_differences(args.variants, mean_rows)  # type: ignore[arg-type]
+        mean_rows = []
+        for i in range(len(args.variants)):
+            by_name: dict[str, SeriesRow] = {}
+            for name in per_seed[0][i][1]:
+                found, false_alerts, raw = np.mean([results[i][1][name] for results in per_seed], axis=0)
+                by_name[name] = (float(found), float(false_alerts), float(raw))
+            mean_rows.append(by_name)
+        print_series_differences(args.variants, mean_rows)
 
 
 if __name__ == "__main__":
