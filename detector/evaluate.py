@@ -535,12 +535,12 @@ def evaluate_nab(
 
 def write_nab_plots(data_dir: Path, config_path: Path, out: Path, report: NabReport) -> list[Path]:
     """Draw every series of `report` (its values, score, threshold, alerts and labeled windows)
-    to `out/plots/<category>/<file>.png`, from the scores the run wrote under `out/scores/`."""
+    to `out/plots/<category>/<file>.png`, from the scores the run wrote under `out/scores/`. The
+    labeled windows drawn are the rows the scorer counted (`s.windows`), at their timestamps."""
     from detector.replay import read_samples
-    from detector.report import read_windows, write_report
+    from detector.report import write_report
 
     name, stream = load_config(config_path).stream(None)
-    labels = data_dir / "nab" / "labels" / "combined_windows.json"
     written = []
     for s in report.series:
         batch, _ = read_samples(name, stream, data_dir / "nab" / "data" / s.name)
@@ -549,7 +549,7 @@ def write_nab_plots(data_dir: Path, config_path: Path, out: Path, report: NabRep
             out / "scores" / s.name.replace(".csv", ".scores.csv"),
             png,
             samples=(batch, [f.name for f in stream.mapping.features]),
-            labeled=read_windows(labels, s.name),
+            labeled=[(int(batch.timestamps[a]), int(batch.timestamps[b])) for a, b in s.windows],
         )
         written.append(png)
     return written
